@@ -1,0 +1,77 @@
+"""Default configuration: a small CNN trained on scikit-learn's bundled 8x8 digits.
+
+The digits ship inside scikit-learn, so this runs on any machine with no internet. Classes 0-5 are
+the training identities; classes 6-9 are never seen in training and are used for verification,
+which is the one-shot setting: the embedding must separate people (classes) it has never seen.
+
+Variants (`configs/bfw.py`, `configs/smoke.py`, ...) import this file and override a few fields.
+Any field can be overridden on the command line, e.g. `--config.train.margin=0.3`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # Seeds parameter init, the PK sampler, augmentation and evaluation pairs.
+
+    # ---------------------------------------------------------------- data
+    data = config.data = ml_collections.ConfigDict()
+    data.source = "digits"  # One of: digits (bundled, offline), folder (ROOT/<identity>/<img>), tfds.
+    data.root = ""  # source=folder: the image tree ROOT/[<group>/]<identity>/<image>.
+    data.group_depth = 0  # source=folder: 1 when identities sit under group folders (BFW).
+    data.tfds_name = ""  # source=tfds: a catalog name with image+label features, e.g. "mnist".
+    data.data_dir = ""  # Where prepared tfds/ArrayRecord data is cached ("" = ~/tensorflow_datasets).
+    data.train_classes = (0, 1, 2, 3, 4, 5)  # source=digits: training identities; rest are unseen.
+    data.split_seed = 0  # Seeds the identity-disjoint train/validation/test split.
+    data.val_fraction = 0.1  # Fraction of identities held out for validation (source=folder/tfds).
+    data.test_fraction = 0.1  # Fraction of identities held out for test (source=folder/tfds).
+    data.image_size = 32  # Model input is image_size x image_size.
+    data.channels = 1  # 1 = grey, 3 = RGB; images are converted on decode.
+    data.crop = "none"  # none | center | detect (OpenCV face detector, center-crop fallback).
+    data.center_crop_fraction = 1.0  # crop=center: side of the central square crop / image side.
+    data.identities_per_batch = 6  # P: identities in each global batch.
+    data.images_per_identity = 16  # K (>= 2): images of each identity in each global batch.
+    data.sample_with_replacement = True  # Identities with < K images: True resamples, False skips.
+    data.min_images_per_identity = 2  # Identities with fewer images are excluded from training.
+    data.augment = ("random_crop", "flip")  # Any of: random_crop, flip, color; () for none.
+    data.random_crop_padding = 2  # random_crop: pad by this many pixels, crop back to size.
+    data.num_workers = 0  # Grain worker processes for decoding (0 = in the main process).
+    data.prefetch = 2  # Batches prefetched ahead of the train step.
+
+    # --------------------------------------------------------------- model
+    model = config.model = ml_collections.ConfigDict()
+    model.name = "small_cnn"  # Backbone, looked up in facenet_jax.models.MODELS.
+    model.width = 32  # Channels of the first conv stage; later stages double it.
+    model.embedding_dim = 128  # d: size of the L2-normalised embedding.
+    model.dtype = "float32"  # Compute dtype of convs/matmuls: float32 or bfloat16 (params f32).
+
+    # --------------------------------------------------------------- train
+    train = config.train = ml_collections.ConfigDict()
+    train.num_steps = 600  # Optimiser steps.
+    train.optimizer = "adam"  # adam | adamw | sgd (momentum 0.9, Nesterov).
+    train.learning_rate = 3e-3  # Peak learning rate.
+    train.schedule = "warmup_cosine"  # constant | cosine | warmup_cosine.
+    train.warmup_steps = 50  # Linear warm-up steps (warmup_cosine).
+    train.weight_decay = 1e-4  # Decoupled weight decay (adamw) or L2 (sgd); ignored by adam.
+    train.grad_clip_norm = 0.0  # Clip the global gradient norm to this value (0 = no clipping).
+    train.margin = 0.2  # alpha in ||f(a)-f(p)||^2 + alpha < ||f(a)-f(n)||^2.
+    train.mining = "semi_hard"  # Triplet strategy, see facenet_jax.losses.STRATEGIES.
+    train.squared = True  # Mine and penalise squared Euclidean distances (FaceNet) or plain ones.
+    train.soft = False  # batch_hard only: softplus instead of hinge (Hermans et al. 2017).
+    train.mining_scope = "global"  # global: mine against the whole global batch; local: per device.
+    train.log_every = 50  # Steps between metric logs (metrics.jsonl, TensorBoard, terminal).
+    train.checkpoint_every = 200  # Steps between checkpoints (and one at the end).
+    train.keep_checkpoints = 2  # Checkpoints kept in WORKDIR/checkpoints.
+    train.eval_every = 0  # Steps between evaluations during training (0 = only at the end).
+    train.progress_bar = True  # tqdm progress bar on the terminal.
+
+    # ---------------------------------------------------------------- eval
+    evaluation = config.eval = ml_collections.ConfigDict()
+    evaluation.split = "test"  # Split embedded for verification: test (unseen identities) | val.
+    evaluation.num_pairs = 3000  # Same/different pairs drawn from the split (half of each).
+    evaluation.num_folds = 10  # Folds for accuracy with the threshold tuned on the other folds.
+    evaluation.batch_size = 256  # Images per embedding batch (padded with the ignore label).
+    evaluation.baseline = True  # Also evaluate the untrained network (step 0) for comparison.
+
+    return config

@@ -1,0 +1,101 @@
+"""Devices, processes and the 1-D data mesh (the pmap model written with ``jax.shard_map``).
+
+One named axis, ``DATA_AXIS``, spans every device of every process. Parameters and optimiser state
+are replicated on it, batches are split along it. Collectives (``pmean``, ``psum``,
+``all_gather``) appear only inside the step functions, on this axis.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def initialize_distributed(
+    coordinator_address: str = "", num_processes: int = 0, process_id: int = -1
+) -> None:
+    """Calls ``jax.distributed.initialize`` when this is one of several processes.
+
+    Explicit arguments (flags) win; else the standard environment variables
+    ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; else JAX's own
+    auto-detection on TPU pods and SLURM. A single plain process does nothing.
+    """
+    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    num_processes = num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
+    if process_id < 0:
+        process_id = int(os.environ.get("JAX_PROCESS_ID", "-1"))
+    if coordinator_address or num_processes > 1:
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address or None,
+            num_processes=num_processes or None,
+            process_id=process_id if process_id >= 0 else None,
+        )
+    elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        jax.distributed.initialize()
+    elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+        jax.distributed.initialize()
+    logging.info(
+        "JAX process %d/%d, %d local devices, %d global devices (%s)",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+        jax.devices()[0].platform,
+    )
+
+
+def create_mesh(devices: list[Any] | None = None) -> Mesh:
+    """A 1-D mesh over ``devices`` (default: all devices of all processes) named DATA_AXIS."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh, field: str) -> int:
+    """Returns the per-device batch size; raises naming ``field`` if it does not divide evenly."""
+    n = mesh.devices.size
+    if global_batch_size % n:
+        raise ValueError(
+            f"{field}: the global batch size {global_batch_size} must be divisible by the "
+            f"device count {n}"
+        )
+    return global_batch_size // n
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Places every leaf of ``tree`` on every device of the mesh (fully replicated)."""
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles each process's local rows into global arrays split along DATA_AXIS.
+
+    Args:
+      batch: this process's rows, ``[B_global / process_count, ...]`` per leaf.
+    """
+    sharding = NamedSharding(mesh, P(DATA_AXIS))
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+        for k, v in batch.items()
+    }
+
+
+def fetch(tree: Any) -> Any:
+    """Brings replicated (or fully addressable) arrays back to host NumPy."""
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def gather_to_host(x: jax.Array) -> np.ndarray:
+    """All rows of a batch-sharded global array on every process, as NumPy."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

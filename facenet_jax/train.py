@@ -1,0 +1,454 @@
+"""Training and evaluation: ``create_train_state``, ``train_step``, ``train_and_evaluate``.
+
+The step is a pure function of ``(state, batch)``. It runs data-parallel on a 1-D device mesh with
+``jax.shard_map`` under ``jax.jit`` (the pmap model): parameters replicated, the batch split along
+``parallel.DATA_AXIS``, BatchNorm statistics synchronised, gradients combined with a collective.
+
+Mining scope (``config.train.mining_scope``):
+  * ``local``: each device mines inside its own B_local rows; loss = mean over devices of the
+    per-device losses, gradients ``pmean``-ed. Memory O(B_local^2) per device.
+  * ``global``: each device all-gathers the B embeddings and labels of the global batch and mines
+    its own B_local anchors against all of them. With L_d = sum of device d's terms / (global
+    count), the global loss is sum_d L_d, exactly the loss of one device running the whole batch,
+    and gradients are ``psum``-ed (the all-gather's transpose routes each embedding's cotangent
+    back to the device that produced it). Memory O(B x B_local) per device.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax.training import train_state
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from facenet_jax import (
+    checkpoints,
+    evaluation,
+    input_pipeline,
+    losses,
+    metric_logging,
+    models,
+    parallel,
+    plots,
+    sampling,
+)
+
+AXIS = parallel.DATA_AXIS
+MINING_SCOPES = ("local", "global")
+
+
+class TrainState(train_state.TrainState):
+    """step, params, opt_state (from flax) plus BatchNorm running statistics."""
+
+    batch_stats: Any = None
+
+
+# ----------------------------------------------------------------------------- config checks
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Fails fast, naming the field and the allowed values, before anything is compiled."""
+    t, d = config.train, config.data
+    if t.mining not in losses.STRATEGIES:
+        raise ValueError(
+            f"config.train.mining: unknown strategy {t.mining!r}; allowed: {list(losses.STRATEGIES)}"
+        )
+    if t.mining_scope not in MINING_SCOPES:
+        raise ValueError(
+            f"config.train.mining_scope: {t.mining_scope!r}; allowed: {list(MINING_SCOPES)}"
+        )
+    if t.optimizer not in OPTIMIZERS:
+        raise ValueError(f"config.train.optimizer: {t.optimizer!r}; allowed: {list(OPTIMIZERS)}")
+    if t.schedule not in SCHEDULES:
+        raise ValueError(f"config.train.schedule: {t.schedule!r}; allowed: {list(SCHEDULES)}")
+    if d.images_per_identity < 2:
+        raise ValueError(
+            f"config.data.images_per_identity (K) must be >= 2 so every anchor has a positive, "
+            f"got {d.images_per_identity}"
+        )
+    if d.identities_per_batch < 2:
+        raise ValueError(
+            "config.data.identities_per_batch (P) must be >= 2 so anchors have negatives, "
+            f"got {d.identities_per_batch}"
+        )
+    for field in ("num_steps", "log_every", "checkpoint_every"):
+        if t[field] < 1:
+            raise ValueError(f"config.train.{field} must be >= 1, got {t[field]}")
+    if t.margin < 0:
+        raise ValueError(f"config.train.margin must be >= 0, got {t.margin}")
+    if d.image_size < 8:
+        raise ValueError(f"config.data.image_size must be >= 8, got {d.image_size}")
+    if d.channels not in (1, 3):
+        raise ValueError(f"config.data.channels must be 1 or 3, got {d.channels}")
+    models.create_model(config.model)  # Checks model name, dtype and sizes.
+
+
+# ----------------------------------------------------------------------------- optimiser
+
+
+def _schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    t = config.train
+    return SCHEDULES[t.schedule](t)
+
+
+SCHEDULES = {
+    "constant": lambda t: optax.constant_schedule(t.learning_rate),
+    "cosine": lambda t: optax.cosine_decay_schedule(t.learning_rate, t.num_steps),
+    "warmup_cosine": lambda t: optax.warmup_cosine_decay_schedule(
+        0.0, t.learning_rate, min(t.warmup_steps, t.num_steps - 1), max(t.num_steps, 2)
+    ),
+}
+
+OPTIMIZERS = {
+    "adam": lambda t, lr: optax.adam(lr),
+    "adamw": lambda t, lr: optax.adamw(lr, weight_decay=t.weight_decay),
+    "sgd": lambda t, lr: optax.chain(
+        optax.add_decayed_weights(t.weight_decay), optax.sgd(lr, momentum=0.9, nesterov=True)
+    ),
+}
+
+
+def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    t = config.train
+    tx = OPTIMIZERS[t.optimizer](t, _schedule(config))
+    if t.grad_clip_norm > 0:
+        tx = optax.chain(optax.clip_by_global_norm(t.grad_clip_norm), tx)
+    return tx
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict, rng: jax.Array, image_shape: tuple[int, int, int]
+) -> TrainState:
+    """Initialises params and BatchNorm statistics for images [1, H, W, C]."""
+    model = models.create_model(config.model, bn_axis_name=AXIS)
+    init_model = models.create_model(config.model)  # Init runs outside shard_map: no BN axis.
+    variables = jax.jit(functools.partial(init_model.init, train=False))(
+        rng, jnp.zeros((1, *image_shape), jnp.float32)
+    )
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        tx=create_optimizer(config),
+    )
+
+
+# ----------------------------------------------------------------------------- update step
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    config: ml_collections.ConfigDict,
+    axis_name: str = AXIS,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimiser step on this device's rows of the global PK batch (runs inside shard_map).
+
+    Args:
+      state: replicated train state.
+      batch: ``image`` [B_local, H, W, C] float32, ``label`` [B_local] int32 (-1 = ignore).
+
+    Returns:
+      The new state and replicated scalar metrics (loss, fraction of active triplets, mean
+      positive/negative distance, gradient and parameter norms, learning rate).
+    """
+    t = config.train
+    images, labels = batch["image"], batch["label"]
+    b_local = labels.shape[0]
+    key = jax.random.fold_in(jax.random.key(config.seed), state.step)
+    is_global = t.mining_scope == "global"
+    if not is_global:
+        key = jax.random.fold_in(key, lax.axis_index(axis_name))
+    mining = dict(strategy=t.mining, margin=t.margin, squared=t.squared, soft=t.soft, key=key)
+
+    def loss_fn(params):
+        emb, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            images,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        if is_global:
+            all_emb = lax.all_gather(emb, axis_name, tiled=True)
+            all_labels = lax.all_gather(labels, axis_name, tiled=True)
+            terms = losses.triplet_terms(
+                all_emb,
+                all_labels,
+                anchor_start=lax.axis_index(axis_name) * b_local,
+                num_anchors=b_local,
+                **mining,
+            )
+            count = lax.psum(terms.count, axis_name)
+        else:
+            terms = losses.triplet_terms(emb, labels, **mining)
+            count = terms.count
+        loss = terms.loss_sum / jnp.maximum(count, 1)
+        return loss, (terms, updates["batch_stats"])
+
+    (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if is_global:
+        grads = lax.psum(grads, axis_name)
+        _, diagnostics = losses.terms_to_loss(jax.tree.map(lambda x: lax.psum(x, axis_name), terms))
+        loss = lax.psum(loss, axis_name)
+    else:
+        grads = lax.pmean(grads, axis_name)
+        _, diagnostics = losses.terms_to_loss(jax.tree.map(lambda x: lax.psum(x, axis_name), terms))
+        loss = lax.pmean(loss, axis_name)
+    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    metrics = {
+        **{k: jnp.asarray(v, jnp.float32) for k, v in diagnostics.items()},
+        "loss": loss,
+        "grad_norm": optax.global_norm(grads),
+        "param_norm": optax.global_norm(state.params),
+        "learning_rate": _schedule(config)(state.step),
+    }
+    return new_state, metrics
+
+
+def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    """``train_step`` under shard_map (state replicated, batch split) under jit, state donated."""
+    parallel.check_batch_size(
+        config.data.identities_per_batch * config.data.images_per_identity,
+        mesh,
+        "config.data.identities_per_batch * config.data.images_per_identity",
+    )
+    step = jax.shard_map(
+        functools.partial(train_step, config=config, axis_name=AXIS),
+        mesh=mesh,
+        in_specs=(P(), P(AXIS)),
+        out_specs=(P(), P()),
+        check_vma=False,
+    )
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def embed_step(state: TrainState, images: jax.Array) -> jax.Array:
+    """[B_local, H, W, C] -> [B_local, d] unit embeddings with BatchNorm running statistics."""
+    return state.apply_fn(
+        {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
+    )
+
+
+def make_embed_fn(mesh: jax.sharding.Mesh):
+    return jax.jit(
+        jax.shard_map(
+            embed_step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS), check_vma=False
+        )
+    )
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def embed_split(
+    state: TrainState,
+    dataset: input_pipeline.FaceDataset,
+    split: str,
+    batch_size: int,
+    mesh: jax.sharding.Mesh,
+    embed_fn=None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Embeds every image of a split once, sharded over the mesh.
+
+    Returns:
+      embeddings [N, d], labels [N], groups [N] (padding rows removed).
+    """
+    n_dev = mesh.devices.size
+    batch_size = -(-batch_size // n_dev) * n_dev
+    embed_fn = embed_fn or make_embed_fn(mesh)
+    rows = sampling.process_slice(batch_size, jax.process_index(), jax.process_count())
+    embs, labels, groups = [], [], []
+    for batch in dataset.eval_batches(split, batch_size):
+        images = parallel.shard_batch({"image": batch["image"][rows]}, mesh)["image"]
+        emb = parallel.gather_to_host(embed_fn(state, images))
+        keep = batch["label"] != -1
+        embs.append(emb[keep])
+        labels.append(batch["label"][keep])
+        groups.append(batch["group"][keep])
+    return np.concatenate(embs), np.concatenate(labels), np.concatenate(groups)
+
+
+def evaluate(
+    state: TrainState,
+    dataset: input_pipeline.FaceDataset,
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    embed_fn=None,
+) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray, np.ndarray, float]]:
+    """Verification on same/different pairs of the eval split.
+
+    Returns:
+      (metrics, (far, tar, distances/issame for plots)).
+    """
+    e = config.eval
+    emb, labels, _ = embed_split(state, dataset, e.split, e.batch_size, mesh, embed_fn)
+    i, j, issame = evaluation.sample_pairs(labels, e.num_pairs, seed=config.seed)
+    dist = evaluation.pair_distances(emb, i, j)
+    metrics = evaluation.verification_metrics(dist, issame, num_folds=e.num_folds, seed=config.seed)
+    metrics["num_images"] = int(len(labels))
+    metrics["num_identities"] = int(len(np.unique(labels)))
+    return metrics, (dist, issame, emb, labels)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- main loop
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and evaluates.
+
+    Writes metrics.jsonl, tensorboard/, checkpoints/, config.json, eval.json (trained and
+    untrained-baseline verification metrics) and roc.png / distances.png / embeddings.png.
+    Returns the final evaluation metrics.
+    """
+    validate_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    checkpoints.check_compatible(config, workdir)
+    is_chief = jax.process_index() == 0
+
+    # --- mesh and input
+    mesh = parallel.create_mesh()
+    dataset = input_pipeline.create_dataset(config)
+    global_batch = config.data.identities_per_batch * config.data.images_per_identity
+    parallel.check_batch_size(global_batch, mesh, "config.data.identities_per_batch * K")
+    logging.info(
+        "global batch %d = P %d x K %d on %d devices (%d per device), mining %s (%s)",
+        global_batch,
+        config.data.identities_per_batch,
+        config.data.images_per_identity,
+        mesh.devices.size,
+        global_batch // mesh.devices.size,
+        config.train.mining,
+        config.train.mining_scope,
+    )
+
+    # --- model and state
+    rng = jax.random.key(config.seed)
+    state = parallel.replicate(create_train_state(config, rng, dataset.image_shape), mesh)
+    manager = checkpoints.create_manager(workdir, config)
+    embed_fn = make_embed_fn(mesh)
+
+    baseline_path = os.path.join(workdir, "eval_baseline.json")
+    baseline = None
+    if config.eval.baseline:
+        if os.path.exists(baseline_path):
+            with open(baseline_path) as f:
+                baseline = json.load(f)
+        else:  # The untrained network: same init as the run (same seed).
+            baseline, (b_dist, b_same, _, _) = evaluate(state, dataset, config, mesh, embed_fn)
+            b_far, b_tar, _ = evaluation.roc_curve(b_dist, b_same)
+            baseline["roc"] = {"far": b_far.tolist(), "tar": b_tar.tolist()}
+            if is_chief:
+                _write_json(baseline_path, baseline)
+
+    state = checkpoints.restore_latest(manager, state, workdir)
+    start_step = int(jax.device_get(state.step))
+    checkpoints.write_config(config, workdir)
+    if start_step:
+        logging.info("resumed from checkpoint at step %d", start_step)
+
+    # --- update step
+    step_fn = make_train_step(config, mesh)
+    writer = metric_logging.MetricWriter(workdir)
+    t = config.train
+    batches = dataset.train_batches(start_step, jax.process_index(), jax.process_count())
+
+    progress = None
+    if t.progress_bar and is_chief and start_step < t.num_steps:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=t.num_steps, initial=start_step, desc="train", unit="step")
+
+    # --- loop
+    last_time, last_step = time.perf_counter(), start_step
+    metrics = None
+    for step in range(start_step + 1, t.num_steps + 1):
+        batch = parallel.shard_batch(next(batches), mesh)
+        state, metrics = step_fn(state, batch)
+        if progress is not None:
+            progress.update(1)
+        if step % t.log_every == 0 or step == t.num_steps:
+            m = parallel.fetch(metrics)
+            if not np.isfinite(m["loss"]):
+                raise FloatingPointError(f"loss is {m['loss']} at step {step}; stopping")
+            now = time.perf_counter()
+            m["images_per_sec"] = (step - last_step) * global_batch / (now - last_time)
+            m["steps_per_sec"] = (step - last_step) / (now - last_time)
+            last_time, last_step = now, step
+            writer.write(step, m)
+            if progress is not None:
+                progress.set_postfix(
+                    loss=f"{m['loss']:.4f}", active=f"{m['fraction_active']:.2f}", refresh=False
+                )
+            else:
+                logging.info("step %d: %s", step, {k: round(float(v), 5) for k, v in m.items()})
+        if step % t.checkpoint_every == 0 or step == t.num_steps:
+            checkpoints.save(manager, state)
+        if t.eval_every and step % t.eval_every == 0 and step != t.num_steps:
+            m, _ = evaluate(state, dataset, config, mesh, embed_fn)
+            writer.write(step, {f"eval/{k}": v for k, v in m.items()})
+    if progress is not None:
+        progress.close()
+
+    # --- final evaluation
+    final, (dist, issame, emb, labels) = evaluate(state, dataset, config, mesh, embed_fn)
+    final["step"] = int(jax.device_get(state.step))
+    writer.write(final["step"], {f"eval/{k}": v for k, v in final.items() if k != "step"})
+    writer.close()
+    if is_chief:
+        far, tar, _ = evaluation.roc_curve(dist, issame)
+        curves = {f"trained (AUC {final['auc']:.3f})": (far, tar)}
+        if baseline is not None:
+            curves[f"untrained (AUC {baseline['auc']:.3f})"] = (
+                np.asarray(baseline["roc"]["far"]),
+                np.asarray(baseline["roc"]["tar"]),
+            )
+        plots.plot_roc(curves, os.path.join(workdir, "roc.png"))
+        plots.plot_distance_histograms(
+            dist, issame, final["threshold"], os.path.join(workdir, "distances.png")
+        )
+        plots.plot_embeddings_2d(emb, labels, os.path.join(workdir, "embeddings.png"))
+        result = {"trained": final}
+        if baseline is not None:
+            result["untrained"] = {k: v for k, v in baseline.items() if k != "roc"}
+        _write_json(os.path.join(workdir, "eval.json"), result)
+    manager.close()
+    _log_summary(final, baseline, config)
+    return final
+
+
+def _log_summary(final: dict[str, Any], baseline: dict[str, Any] | None, config) -> None:
+    lines = [f"verification on split {config.eval.split!r} ({final['num_identities']} identities)"]
+    for name, m in (("untrained", baseline), ("trained", final)):
+        if m is None:
+            continue
+        lines.append(
+            f"  {name:9s}: accuracy {m['accuracy']:.4f}  "
+            f"10-fold {m['kfold_accuracy_mean']:.4f} +- {m['kfold_accuracy_std']:.4f}  "
+            f"ROC AUC {m['auc']:.4f}  EER {m['eer']:.4f}  threshold {m['threshold']:.4f}"
+        )
+    text = "\n".join(lines)
+    logging.info("%s", text)
+    if jax.process_index() == 0:
+        print(text, flush=True)

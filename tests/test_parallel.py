@@ -1,0 +1,68 @@
+"""Data-parallel step on 8 fake CPU devices (see conftest.py) against one device."""
+
+import jax
+import numpy as np
+import pytest
+
+from configs import smoke
+from facenet_jax import input_pipeline, parallel, train
+
+
+def _run_steps(config, devices, num_steps=2):
+    mesh = parallel.create_mesh(devices)
+    ds = input_pipeline.create_dataset(config)
+    state = parallel.replicate(
+        train.create_train_state(config, jax.random.key(0), ds.image_shape), mesh
+    )
+    step = train.make_train_step(config, mesh)
+    batches = ds.train_batches(0)
+    history = []
+    for _ in range(num_steps):
+        state, metrics = step(state, parallel.shard_batch(next(batches), mesh))
+        history.append(parallel.fetch(metrics))
+    return parallel.fetch(state.params), parallel.fetch(state.batch_stats), history
+
+
+@pytest.fixture(scope="module")
+def config():
+    config = smoke.get_config()
+    config.data.identities_per_batch = 4
+    config.data.images_per_identity = 8  # 32 rows: 4 per device on 8 devices.
+    config.train.schedule = "constant"
+    return config
+
+
+@pytest.mark.parametrize("mining", ["semi_hard", "batch_hard", "batch_all"])
+def test_global_mining_on_8_devices_equals_one_device(config, mining):
+    assert jax.device_count() >= 8, "conftest.py must request 8 fake CPU devices"
+    config = config.copy_and_resolve_references()
+    config.train.mining = mining
+    config.train.mining_scope = "global"
+    p1, s1, h1 = _run_steps(config, jax.devices()[:1])
+    p8, s8, h8 = _run_steps(config, jax.devices()[:8])
+    for m1, m8 in zip(h1, h8, strict=True):
+        for key in ("loss", "fraction_active", "mean_pos_dist", "mean_neg_dist", "grad_norm"):
+            np.testing.assert_allclose(m8[key], m1[key], rtol=2e-4, atol=1e-6, err_msg=key)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-3, atol=2e-5)
+    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s8), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_local_mining_sees_fewer_negatives_than_global(config):
+    """Local scope mines inside each device's 4 rows (one identity): no negatives, zero loss."""
+    config = config.copy_and_resolve_references()
+    config.train.mining_scope = "local"
+    _, _, h = _run_steps(config, jax.devices()[:8], num_steps=1)
+    assert h[0]["loss"] == 0.0 and h[0]["num_valid"] == 0
+    config.train.mining_scope = "global"
+    _, _, h = _run_steps(config, jax.devices()[:8], num_steps=1)
+    assert h[0]["loss"] > 0 and h[0]["num_valid"] > 0
+
+
+def test_batch_not_divisible_by_devices_names_the_fields(config):
+    config = config.copy_and_resolve_references()
+    config.data.identities_per_batch = 3  # 24 rows on 16 devices? use 5 devices below
+    mesh = parallel.create_mesh(jax.devices()[:5])
+    with pytest.raises(ValueError, match="identities_per_batch"):
+        train.make_train_step(config, mesh)
