@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.split_seed = 0  # Seeds the identity-disjoint train/validation/test split.
     data.val_fraction = 0.1  # Fraction of identities held out for validation (source=folder/tfds).
     data.test_fraction = 0.1  # Fraction of identities held out for test (source=folder/tfds).
-    data.image_size = 32  # Model input is image_size x image_size.
+    data.image_size = 16  # Model input is image_size x image_size.
     data.channels = 1  # 1 = grey, 3 = RGB; images are converted on decode.
     data.crop = "none"  # none | center | detect (OpenCV face detector, center-crop fallback).
     data.center_crop_fraction = 1.0  # crop=center: side of the central square crop / image side.
@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     # --------------------------------------------------------------- model
     model = config.model = ml_collections.ConfigDict()
     model.name = "small_cnn"  # Backbone, looked up in facenet_jax.models.MODELS.
-    model.width = 32  # Channels of the first conv stage; later stages double it.
+    model.width = 16  # Channels of the first conv stage; later stages double it.
     model.embedding_dim = 128  # d: size of the L2-normalised embedding.
     model.dtype = "float32"  # Compute dtype of convs/matmuls: float32 or bfloat16 (params f32).
 

@@ -213,8 +213,8 @@ def train_step(
     metrics = {
         **{k: jnp.asarray(v, jnp.float32) for k, v in diagnostics.items()},
         "loss": loss,
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(state.params),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(state.params),
         "learning_rate": _schedule(config)(state.step),
     }
     return new_state, metrics

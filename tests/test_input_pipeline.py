@@ -43,9 +43,7 @@ def test_process_shards_reassemble_the_global_batch(digits):
     ds, _ = digits
     full = next(ds.train_batches(5))
     parts = [next(ds.train_batches(5, i, 2)) for i in range(2)]
-    np.testing.assert_array_equal(
-        np.concatenate([p["label"] for p in parts]), full["label"]
-    )
+    np.testing.assert_array_equal(np.concatenate([p["label"] for p in parts]), full["label"])
 
 
 def test_eval_batches_visit_every_image_once_with_ignore_padding(digits):

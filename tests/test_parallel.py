@@ -29,6 +29,10 @@ def config():
     config.data.identities_per_batch = 4
     config.data.images_per_identity = 8  # 32 rows: 4 per device on 8 devices.
     config.train.schedule = "constant"
+    # SGD: the update is linear in the gradient, so parameters compare at float tolerance (Adam's
+    # first steps are ~lr * sign(g) and amplify rounding differences of near-zero gradients).
+    config.train.optimizer = "sgd"
+    config.train.learning_rate = 0.1
     return config
 
 
@@ -42,9 +46,9 @@ def test_global_mining_on_8_devices_equals_one_device(config, mining):
     p8, s8, h8 = _run_steps(config, jax.devices()[:8])
     for m1, m8 in zip(h1, h8, strict=True):
         for key in ("loss", "fraction_active", "mean_pos_dist", "mean_neg_dist", "grad_norm"):
-            np.testing.assert_allclose(m8[key], m1[key], rtol=2e-4, atol=1e-6, err_msg=key)
+            np.testing.assert_allclose(m8[key], m1[key], rtol=1e-4, atol=1e-6, err_msg=key)
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), strict=True):
-        np.testing.assert_allclose(b, a, rtol=1e-3, atol=2e-5)
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
     for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s8), strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
 
