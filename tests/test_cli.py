@@ -295,10 +295,14 @@ def test_evaluate_tree_with_groups(workdir, tree, capsys, tmp_path):
             out_dir,
             "--crop",
             "none",
+            "--head-train",
+            str(tree / "grouped"),
         ],
         capsys,
     )
     assert set(m["groups"]["groups"]) == {"group0", "group1"}
+    assert m["negative_pairs"] == "within group"
+    assert set(m["similarity_head"]) == set(m["verification"])
     assert m["num_images"] == NUM_IDS * PER_ID and m["num_identities"] == NUM_IDS
     paths = sorted(str(p) for p in tree.glob("grouped/*/*/*.jpg"))
     e, _ = embed(workdir, paths)
