@@ -115,10 +115,15 @@ def load_embedder(workdir: str, step: int | None = None) -> Embedder:
     if step is None:
         raise FileNotFoundError(f"no checkpoint found in {workdir!r}/checkpoints")
     d = config.data
-    state = train.create_train_state(
-        config, jax.random.key(0), (d.image_size, d.image_size, d.channels)
+    # Shapes only (no compilation, no memory): the restore target.
+    abstract = jax.eval_shape(
+        lambda: checkpoints.state_to_dict(
+            train.create_train_state(
+                config, jax.random.key(0), (d.image_size, d.image_size, d.channels)
+            )
+        )
     )
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, checkpoints.state_to_dict(state))
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
     restored = manager.restore(step, args=ocp.args.StandardRestore(target))
     manager.close()
     return Embedder(config, restored["params"], restored["batch_stats"], int(step))
