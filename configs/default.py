@@ -1,7 +1,7 @@
 """Default configuration: a small CNN trained on scikit-learn's bundled 8x8 digits.
 
-The digits ship inside scikit-learn, so this runs on any machine with no internet. Classes 0-5 are
-the training identities; classes 6-9 are never seen in training and are used for verification,
+The digits ship inside scikit-learn, so this runs on any machine with no internet. Classes 0-6 are
+the training identities; classes 7-9 are never seen in training and are used for verification,
 which is the one-shot setting: the embedding must separate people (classes) it has never seen.
 
 Variants (`configs/bfw.py`, `configs/smoke.py`, ...) import this file and override a few fields.
@@ -17,12 +17,24 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- data
     data = config.data = ml_collections.ConfigDict()
-    data.source = "digits"  # One of: digits (bundled, offline), folder (ROOT/<identity>/<img>), tfds.
+    data.source = (
+        "digits"  # One of: digits (bundled, offline), folder (ROOT/<identity>/<img>), tfds.
+    )
     data.root = ""  # source=folder: the image tree ROOT/[<group>/]<identity>/<image>.
     data.group_depth = 0  # source=folder: 1 when identities sit under group folders (BFW).
     data.tfds_name = ""  # source=tfds: a catalog name with image+label features, e.g. "mnist".
-    data.data_dir = ""  # Where prepared tfds/ArrayRecord data is cached ("" = ~/tensorflow_datasets).
-    data.train_classes = (0, 1, 2, 3, 4, 5)  # source=digits: training identities; rest are unseen.
+    data.data_dir = (
+        ""  # Where prepared tfds/ArrayRecord data is cached ("" = ~/tensorflow_datasets).
+    )
+    data.train_classes = (
+        0,
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    )  # source=digits: training identities; rest are unseen.
     data.split_seed = 0  # Seeds the identity-disjoint train/validation/test split.
     data.val_fraction = 0.1  # Fraction of identities held out for validation (source=folder/tfds).
     data.test_fraction = 0.1  # Fraction of identities held out for test (source=folder/tfds).
@@ -30,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     data.channels = 1  # 1 = grey, 3 = RGB; images are converted on decode.
     data.crop = "none"  # none | center | detect (OpenCV face detector, center-crop fallback).
     data.center_crop_fraction = 1.0  # crop=center: side of the central square crop / image side.
-    data.identities_per_batch = 6  # P: identities in each global batch.
+    data.identities_per_batch = 6  # P: identities in each global batch (of 7 digits).
     data.images_per_identity = 16  # K (>= 2): images of each identity in each global batch.
     data.sample_with_replacement = True  # Identities with < K images: True resamples, False skips.
     data.min_images_per_identity = 2  # Identities with fewer images are excluded from training.
@@ -43,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
     model = config.model = ml_collections.ConfigDict()
     model.name = "small_cnn"  # Backbone, looked up in facenet_jax.models.MODELS.
     model.width = 16  # Channels of the first conv stage; later stages double it.
+    model.pooling = "avg"  # Head pooling: avg (global average) | flatten (keeps the layout).
     model.embedding_dim = 128  # d: size of the L2-normalised embedding.
     model.dtype = "float32"  # Compute dtype of convs/matmuls: float32 or bfloat16 (params f32).
 

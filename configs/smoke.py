@@ -17,5 +17,5 @@ def get_config():
     config.train.progress_bar = False  # No tqdm output in test logs.
     config.eval.num_pairs = 200  # Few verification pairs.
     config.eval.num_folds = 5  # Few folds.
-    config.eval.batch_size = 128  # Two eval batches for the 6-9 digits, the last one padded.
+    config.eval.batch_size = 128  # Eval batches over the unseen digits 7-9, the last one padded.
     return config

@@ -22,6 +22,7 @@ STATE_DEFINING_FIELDS = (
     "model.name",
     "model.width",
     "model.embedding_dim",
+    "model.pooling",
     "data.channels",
     "data.image_size",
     "train.optimizer",

@@ -25,15 +25,26 @@ def l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
     return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
+POOLINGS = ("avg", "flatten")
+
+
 class EmbeddingHead(nn.Module):
-    """Global average pool -> Dense(d) -> L2 normalise: [B, h, w, c] -> [B, d] unit vectors."""
+    """Pool -> Dense(d) -> L2 normalise: [B, h, w, c] -> [B, d] unit vectors.
+
+    ``pooling="avg"`` averages over space (translation invariant); ``"flatten"`` keeps the
+    spatial layout (h*w*c features), which suits small, centred inputs such as digits.
+    """
 
     embedding_dim: int
     dtype: Any = jnp.float32
+    pooling: str = "avg"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        x = jnp.mean(x, axis=(1, 2))
+        if self.pooling == "flatten":
+            x = x.reshape(x.shape[0], -1)
+        else:
+            x = jnp.mean(x, axis=(1, 2))
         x = nn.Dense(self.embedding_dim, dtype=self.dtype, name="projection")(x)
         return l2_normalize(x)
 
@@ -48,6 +59,7 @@ class SmallCNN(nn.Module):
     embedding_dim: int = 128
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None  # Set to the data axis inside shard_map: synchronised BN.
+    pooling: str = "avg"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
@@ -64,7 +76,7 @@ class SmallCNN(nn.Module):
                 x = nn.Conv(self.width * 2**stage, (3, 3), use_bias=False, dtype=self.dtype)(x)
                 x = nn.relu(norm()(x))
             x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
-        return EmbeddingHead(self.embedding_dim, dtype=self.dtype)(x)
+        return EmbeddingHead(self.embedding_dim, dtype=self.dtype, pooling=self.pooling)(x)
 
 
 class ResidualBlock(nn.Module):
@@ -97,6 +109,7 @@ class ResNet(nn.Module):
     embedding_dim: int = 128
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    pooling: str = "avg"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
@@ -119,7 +132,7 @@ class ResNet(nn.Module):
             for j in range(size):
                 strides = 2 if i > 0 and j == 0 else 1
                 x = ResidualBlock(self.width * 2**i, strides, norm=norm, dtype=self.dtype)(x)
-        return EmbeddingHead(self.embedding_dim, dtype=self.dtype)(x)
+        return EmbeddingHead(self.embedding_dim, dtype=self.dtype, pooling=self.pooling)(x)
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -142,6 +155,9 @@ def create_model(
         raise ValueError(
             f"config.model.dtype: unknown dtype {model_config.dtype!r}; allowed: {list(DTYPES)}"
         )
+    pooling = model_config.get("pooling", "avg")
+    if pooling not in POOLINGS:
+        raise ValueError(f"config.model.pooling: {pooling!r}; allowed: {list(POOLINGS)}")
     if model_config.embedding_dim < 1 or model_config.width < 1:
         raise ValueError(
             "config.model.embedding_dim and config.model.width must be positive, got "
@@ -152,4 +168,5 @@ def create_model(
         embedding_dim=model_config.embedding_dim,
         dtype=DTYPES[model_config.dtype],
         bn_axis_name=bn_axis_name,
+        pooling=pooling,
     )

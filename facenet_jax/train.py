@@ -62,7 +62,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     t, d = config.train, config.data
     if t.mining not in losses.STRATEGIES:
         raise ValueError(
-            f"config.train.mining: unknown strategy {t.mining!r}; allowed: {list(losses.STRATEGIES)}"
+            f"config.train.mining: unknown strategy {t.mining!r}; "
+            f"allowed: {list(losses.STRATEGIES)}"
         )
     if t.mining_scope not in MINING_SCOPES:
         raise ValueError(

@@ -7,10 +7,12 @@ from configs import default
 from facenet_jax import models
 
 
-@pytest.mark.parametrize("name", ["small_cnn", "resnet10"])
-def test_output_shape_and_unit_norm(name):
+@pytest.mark.parametrize(
+    "name,pooling", [("small_cnn", "avg"), ("small_cnn", "flatten"), ("resnet10", "avg")]
+)
+def test_output_shape_and_unit_norm(name, pooling):
     cfg = default.get_config().model
-    cfg.name, cfg.width, cfg.embedding_dim = name, 8, 24
+    cfg.name, cfg.width, cfg.embedding_dim, cfg.pooling = name, 8, 24, pooling
     model = models.create_model(cfg)
     x = jax.random.normal(jax.random.key(0), (5, 16, 16, 3))
     variables = model.init(jax.random.key(1), x, train=False)
