@@ -25,7 +25,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Too many command-line arguments: {argv[1:]}")
-    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    parallel.initialize_distributed(
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+    )
     logging.info(
         "process %d of %d; devices: %d local, %d global",
         jax.process_index(),

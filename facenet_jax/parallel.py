@@ -19,28 +19,54 @@ from jax.sharding import PartitionSpec as P
 DATA_AXIS = "data"
 
 
+AUTO = "auto"  # coordinator_address value: let JAX detect the cluster (TPU pod slices, ...).
+
+
+def _launcher_in_environment() -> str | None:
+    """The multi-process launcher this process was started by, if JAX can read it from env vars.
+
+    SLURM (``srun``, several tasks), Open MPI (``mpirun``) and TPU slices on GKE set variables
+    that ``jax.distributed.initialize()`` reads; a single plain process has none of them.
+    """
+    if "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return "SLURM"
+    if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        return "Open MPI"
+    if os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+        return "TPU slice on GKE"
+    return None
+
+
 def initialize_distributed(
     coordinator_address: str = "", num_processes: int = 0, process_id: int = -1
 ) -> None:
     """Calls ``jax.distributed.initialize`` when this is one of several processes.
 
-    Explicit arguments (flags) win; else the standard environment variables
-    ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; else JAX's own
-    auto-detection on TPU pods and SLURM. A single plain process does nothing.
+    In order: explicit arguments (flags); else the environment variables
+    ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; else a launcher JAX
+    detects from the environment (SLURM, Open MPI, TPU slices on GKE). ``coordinator_address=
+    "auto"`` asks JAX to detect everything itself, which is how multi-host Cloud TPU VM slices
+    (whose topology lives in the metadata server, not in env vars) are joined. A single plain
+    process does nothing; a second call does nothing. On CPU, cross-process collectives use
+    gloo (JAX's default ``jax_cpu_collectives_implementation``).
     """
+    if jax.distributed.is_initialized():
+        return
     coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
     num_processes = num_processes or int(os.environ.get("JAX_NUM_PROCESSES", "0"))
     if process_id < 0:
         process_id = int(os.environ.get("JAX_PROCESS_ID", "-1"))
-    if coordinator_address or num_processes > 1:
+    launcher = _launcher_in_environment()
+    if coordinator_address == AUTO:
+        jax.distributed.initialize()
+    elif coordinator_address or num_processes > 1:
         jax.distributed.initialize(
             coordinator_address=coordinator_address or None,
             num_processes=num_processes or None,
             process_id=process_id if process_id >= 0 else None,
         )
-    elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        jax.distributed.initialize()
-    elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+    elif launcher is not None:
+        logging.info("multi-process launch detected (%s)", launcher)
         jax.distributed.initialize()
     logging.info(
         "JAX process %d/%d, %d local devices, %d global devices (%s)",
@@ -82,8 +108,7 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
     """
     sharding = NamedSharding(mesh, P(DATA_AXIS))
     return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-        for k, v in batch.items()
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
     }
 
 

@@ -1,13 +1,35 @@
-"""Image preprocessing: scaling and training-time augmentation (NumPy, runs in the input workers).
+"""Image preprocessing: decoding, cropping, scaling and training-time augmentation.
 
-Images reaching the model are float32 [H, W, C] in [-1, 1].
+NumPy and Pillow only; runs in the input workers. Images reaching the model are float32
+[H, W, C] in [-1, 1]. Every path (training, evaluation, ``load_image`` for new photos) goes through
+``preprocess_image``, so a face is seen the same way at training and at inference:
+
+  bytes -> decode (JPEG at a reduced DCT scale when the crop is much larger than the input)
+        -> grey ("L", ITU-R 601 luma) or RGB per ``channels``
+        -> crop box: none = whole image | center = central square of side
+           ``center_crop_fraction * min(H, W)`` | detect = square around the face box, enlarged by
+           ``detect_margin``, center crop when no face was found
+        -> bilinear (antialiased) resize of the box to ``image_size x image_size``
+        -> x / 255 * 2 - 1.
 """
 
 from __future__ import annotations
 
+import io
+import logging
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
+from PIL import Image
+
+from facenet_jax import face_detection
+
+# What Pillow raises on a corrupt, truncated or hostile file.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 AUGMENTATIONS = ("random_crop", "flip", "color")
+CROPS = ("none", "center", "detect")
 
 
 def check_augmentations(names) -> tuple[str, ...]:
@@ -63,3 +85,202 @@ def augment_batch(
         mean = out.mean(axis=(1, 2, 3), keepdims=True)
         out = np.clip((out - mean) * contrast + mean + brightness, -1.0, 1.0)
     return out
+
+
+def check_crop(name: str) -> str:
+    """Validates ``config.data.crop``; raises ValueError naming the field and allowed values."""
+    if name not in CROPS:
+        raise ValueError(f"config.data.crop: unknown crop {name!r}; allowed: {list(CROPS)}")
+    return name
+
+
+def _get(data_config: Mapping[str, Any] | Any, field: str, default: Any) -> Any:
+    """``data_config.field`` for a ConfigDict or dict, ``default`` when the field is absent."""
+    getter = getattr(data_config, "get", None)
+    return getter(field, default) if getter is not None else getattr(data_config, field, default)
+
+
+def to_mode(image: Image.Image, channels: int) -> Image.Image:
+    """Converts a Pillow image to "L" (channels=1) or "RGB" (channels=3).
+
+    16/32-bit grey (PGM with maxval > 255, mode I or I;16) is rescaled to 8 bits rather than
+    clipped; palette, alpha, CMYK and 1-bit images go through Pillow's standard conversions.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"config.data.channels must be 1 (grey) or 3 (RGB), got {channels}")
+    if image.mode.startswith("I") or image.mode == "F":
+        arr = np.asarray(image, np.float64)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8), "L")
+    target = "L" if channels == 1 else "RGB"
+    return image if image.mode == target else image.convert(target)
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Opens encoded image bytes with Pillow (lazy: only the header is read)."""
+    image = Image.open(io.BytesIO(data))
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)  # Animated GIF: the first frame.
+    return image
+
+
+def canonical_encoding(data: bytes) -> tuple[bytes, Image.Image]:
+    """Checks that bytes hold an image and returns them in a form ``decode`` reads identically.
+
+    JPEG and PNG in L or RGB mode come back unchanged; anything else Pillow decodes (PGM, GIF,
+    BMP, TIFF, 16-bit grey, palette, alpha, CMYK, ...) is re-encoded losslessly as PNG in L (grey
+    sources) or RGB. The whole image is decoded, so truncated and corrupt files fail here.
+
+    Returns:
+      (encoded bytes, the decoded Pillow image in L or RGB mode).
+
+    Raises:
+      ValueError naming what is wrong (empty, not an image, truncated, ...).
+    """
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    try:
+        image = open_image(data)
+        fmt, mode, frames = image.format, image.mode, getattr(image, "n_frames", 1)
+        image.load()
+        grey = mode in ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F")
+        image = to_mode(image, 1 if grey else 3)
+    except DECODE_ERRORS as e:
+        raise ValueError(f"not a decodable image ({type(e).__name__}: {e})") from e
+    if fmt in ("JPEG", "PNG") and mode in ("L", "RGB") and frames == 1:
+        return data, image
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue(), image
+
+
+def decode(data: bytes, channels: int, reduce: int = 1) -> np.ndarray:
+    """Decodes JPEG/PNG bytes (OpenCV, ~2x faster than Pillow) to [h, w, channels] uint8.
+
+    ``reduce`` in {1, 2, 4, 8} decodes a JPEG at 1/reduce scale (libjpeg DCT scaling). EXIF
+    orientation is ignored, as Pillow (which found the face boxes) ignores it. Formats OpenCV
+    cannot read fall back to Pillow.
+    """
+    import cv2
+
+    if channels not in (1, 3):
+        raise ValueError(f"config.data.channels must be 1 (grey) or 3 (RGB), got {channels}")
+    flag = {
+        (1, 1): cv2.IMREAD_GRAYSCALE,
+        (1, 2): cv2.IMREAD_REDUCED_GRAYSCALE_2,
+        (1, 4): cv2.IMREAD_REDUCED_GRAYSCALE_4,
+        (1, 8): cv2.IMREAD_REDUCED_GRAYSCALE_8,
+        (3, 1): cv2.IMREAD_COLOR,
+        (3, 2): cv2.IMREAD_REDUCED_COLOR_2,
+        (3, 4): cv2.IMREAD_REDUCED_COLOR_4,
+        (3, 8): cv2.IMREAD_REDUCED_COLOR_8,
+    }[(channels, reduce)]
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), flag | cv2.IMREAD_IGNORE_ORIENTATION)
+    if arr is None:
+        arr = np.asarray(to_mode(open_image(data), channels))
+    elif channels == 3:
+        arr = arr[..., ::-1]  # BGR -> RGB
+    return arr.reshape(arr.shape[0], arr.shape[1], channels)
+
+
+def crop_box(
+    height: int, width: int, data_config: Any, face_box: Any = None
+) -> tuple[tuple[float, float, float, float], bool]:
+    """The crop of a ``height x width`` image per ``config.data.crop``: (y0, x0, y1, x1) pixels.
+
+    ``face_box`` is the detector's box as fractions of the image (see
+    ``face_detection.detect_relative``), or None / negative entries when no face was found. Returns
+    ``(box, fallback)`` where ``fallback`` is True when crop=detect fell back to the center crop.
+    """
+    crop = check_crop(_get(data_config, "crop", "none"))
+    fraction = float(_get(data_config, "center_crop_fraction", 1.0))
+    if crop == "none":
+        return (0.0, 0.0, float(height), float(width)), False
+    if crop == "detect" and face_box is not None and min(face_box) >= 0:
+        y0, x0, y1, x1 = (float(v) for v in face_box)
+        box = (y0 * height, x0 * width, y1 * height, x1 * width)
+        margin = float(_get(data_config, "detect_margin", 0.2))
+        return face_detection.face_crop_box(box, height, width, margin), False
+    return face_detection.center_crop_box(height, width, fraction), crop == "detect"
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) of JPEG bytes from the header, None for other formats."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    try:
+        width, height = Image.open(io.BytesIO(data)).size
+    except DECODE_ERRORS:
+        return None
+    return height, width
+
+
+def preprocess_image(data: bytes, data_config: Any, face_box: Any = None) -> np.ndarray:
+    """Decodes, crops and resizes one encoded image (no augmentation).
+
+    The crop box (see ``crop_box``) is cut from the decoded image, rounded to whole pixels, and
+    resized to image_size x image_size (area averaging when shrinking, bilinear when enlarging).
+    Large JPEGs are decoded at the smallest 1/2^n scale that keeps the crop >= image_size pixels.
+
+    Args:
+      data: encoded image bytes (JPEG or PNG; other formats go through Pillow).
+      data_config: ``config.data`` (channels, image_size, crop, center_crop_fraction,
+        detect_margin).
+      face_box: crop=detect only: [4] face box as fractions of the image, None or -1 if no face.
+
+    Returns:
+      [image_size, image_size, channels] float32 in [-1, 1].
+    """
+    import cv2
+
+    size = int(_get(data_config, "image_size", 32))
+    channels = int(_get(data_config, "channels", 3))
+    reduce = 1
+    hw = _jpeg_size(data)
+    if hw is not None:
+        (y0, x0, y1, x1), _ = crop_box(hw[0], hw[1], data_config, face_box)
+        side = min(y1 - y0, x1 - x0)
+        while reduce < 8 and side / (2 * reduce) >= size:
+            reduce *= 2
+    arr = decode(data, channels, reduce)
+    height, width = arr.shape[:2]
+    (y0, x0, y1, x1), _ = crop_box(height, width, data_config, face_box)
+    top, left = int(round(y0)), int(round(x0))
+    bottom, right = max(top + 1, int(round(y1))), max(left + 1, int(round(x1)))
+    crop = arr[top:bottom, left:right]
+    shrink = crop.shape[0] > size or crop.shape[1] > size
+    out = cv2.resize(
+        np.ascontiguousarray(crop),
+        (size, size),
+        interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR,
+    )
+    return to_unit_range(out.reshape(size, size, channels), 255.0)
+
+
+def load_image(path: str, data_config: Any) -> np.ndarray:
+    """Loads an image file exactly as training and evaluation see it (no augmentation).
+
+    The file goes through the same ``canonical_encoding`` as folder preparation and the same
+    ``preprocess_image`` as training. With crop=detect the detector (``config.data.detector``)
+    runs here; when it finds no face the center crop is used and a warning names the file.
+
+    Returns:
+      [image_size, image_size, channels] float32 in [-1, 1].
+    """
+    crop = check_crop(_get(data_config, "crop", "none"))
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise OSError(f"cannot read image file {path}: {e}") from e
+    try:
+        data, image = canonical_encoding(data)
+    except ValueError as e:
+        raise ValueError(f"image file {path}: {e}") from e
+    face_box = None
+    if crop == "detect":
+        detector = _get(data_config, "detector", "mtcnn")
+        face_box = face_detection.detect_relative(np.asarray(image), detector)
+        if face_box is None:
+            logging.warning("crop=detect: no face found in %s; using the center crop", path)
+    return preprocess_image(data, data_config, face_box)

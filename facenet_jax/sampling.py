@@ -56,9 +56,7 @@ def pk_batch_indices(
     """
     if k < 2:
         raise ValueError(f"images_per_identity (K) must be >= 2 so anchors have positives, got {k}")
-    eligible = [
-        i for i, idx in enumerate(identity_to_indices) if len(idx) >= (2 if replace else k)
-    ]
+    eligible = [i for i, idx in enumerate(identity_to_indices) if len(idx) >= (2 if replace else k)]
     if len(eligible) < p:
         raise ValueError(
             f"identities_per_batch (P) = {p} but only {len(eligible)} identities have enough "

@@ -433,3 +433,49 @@ def test_no_cubic_intermediate(strategy):
     loss = lambda e: triplet_loss(e, labels, strategy=strategy, key=KEY)[0]
     jaxpr = jax.make_jaxpr(jax.value_and_grad(loss))(jnp.ones((b, 16)))
     assert _largest_intermediate(jaxpr.jaxpr) <= losses._CHUNK * b * b < b**3
+
+
+@pytest.mark.parametrize("strategy", ["semi_hard", "batch_all", "batch_hard", "random"])
+def test_global_mining_with_shard_map(strategy):
+    """4 devices each mine their own anchors against the all-gathered batch: same loss and grad.
+
+    Embeddings are ``x @ w`` with ``w`` replicated; each device differentiates
+    ``loss_sum_local / psum(count)``; shard_map returns the gradient of a replicated input
+    already summed over the axis.
+    """
+    if jax.device_count() < 4:
+        pytest.skip("needs 4 (fake) devices, see tests/conftest.py")
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
+    labels = jnp.asarray(LABELS["ragged"], jnp.int32)
+    x = jnp.asarray(_emb(9, labels, dim=5), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(10).normal(size=(5, 3)), jnp.float32)
+    kw = dict(strategy=strategy, margin=0.3, key=KEY, soft=strategy == "batch_hard")
+
+    def device_step(w, x_local, labels_local):
+        def objective(w):
+            e_local = x_local @ w
+            e = jax.lax.all_gather(e_local, "data", tiled=True)
+            lab = jax.lax.all_gather(labels_local, "data", tiled=True)
+            n = e_local.shape[0]
+            start = jax.lax.axis_index("data") * n
+            terms = triplet_terms(e, lab, anchor_start=start, num_anchors=n, **kw)
+            count = jax.lax.psum(jax.lax.stop_gradient(terms.count), "data")
+            return terms.loss_sum / jnp.maximum(count, 1.0), terms
+
+        (_, terms), grad = jax.value_and_grad(objective, has_aux=True)(w)
+        loss, _ = terms_to_loss(jax.tree.map(lambda t: jax.lax.psum(t, "data"), terms))
+        return loss, grad
+
+    step = jax.jit(
+        jax.shard_map(
+            device_step, mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=(P(), P())
+        )
+    )
+    put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+    loss, grad = step(put(w, P()), put(x, P("data")), put(labels, P("data")))
+    want_loss, want_grad = jax.value_and_grad(lambda w: triplet_loss(x @ w, labels, **kw)[0])(w)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-5)
