@@ -435,13 +435,16 @@ def test_no_cubic_intermediate(strategy):
     assert _largest_intermediate(jaxpr.jaxpr) <= losses._CHUNK * b * b < b**3
 
 
-@pytest.mark.parametrize("strategy", ["semi_hard", "batch_all", "batch_hard", "random"])
-def test_global_mining_with_shard_map(strategy):
+@pytest.mark.parametrize(
+    "strategy, check_vma",
+    [("semi_hard", True), ("batch_all", True), ("batch_hard", False), ("random", False)],
+)
+def test_global_mining_with_shard_map(strategy, check_vma):
     """4 devices each mine their own anchors against the all-gathered batch: same loss and grad.
 
     Embeddings are ``x @ w`` with ``w`` replicated; each device differentiates
-    ``loss_sum_local / psum(count)``; shard_map returns the gradient of a replicated input
-    already summed over the axis.
+    ``loss_sum_local / psum(count)``. With ``check_vma=True`` shard_map returns the gradient of a
+    replicated input already summed over the axis; with ``check_vma=False`` it is psum-ed here.
     """
     if jax.device_count() < 4:
         pytest.skip("needs 4 (fake) devices, see tests/conftest.py")
@@ -467,13 +470,10 @@ def test_global_mining_with_shard_map(strategy):
 
         (_, terms), grad = jax.value_and_grad(objective, has_aux=True)(w)
         loss, _ = terms_to_loss(jax.tree.map(lambda t: jax.lax.psum(t, "data"), terms))
-        return loss, grad
+        return loss, grad if check_vma else jax.lax.psum(grad, "data")
 
-    step = jax.jit(
-        jax.shard_map(
-            device_step, mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=(P(), P())
-        )
-    )
+    specs = dict(in_specs=(P(), P("data"), P("data")), out_specs=(P(), P()))
+    step = jax.jit(jax.shard_map(device_step, mesh=mesh, check_vma=check_vma, **specs))
     put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
     loss, grad = step(put(w, P()), put(x, P("data")), put(labels, P("data")))
     want_loss, want_grad = jax.value_and_grad(lambda w: triplet_loss(x @ w, labels, **kw)[0])(w)
