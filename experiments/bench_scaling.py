@@ -11,9 +11,11 @@ cores; on an accelerator the first N real devices). It compiles ``train.make_tra
 Prints a markdown table of steps/s, images/s, the per-device batch and the compile time, for
 each mining scope.
 
-On CPU the fake devices share the same cores, so more devices cannot be faster: the table shows
-the overhead of splitting the step (smaller per-device matmuls, collectives, the all-gather of
-global mining), not a speed-up. docs/parallel.md keeps a measured table.
+On CPU the fake devices share the same cores, so this shows overhead, not speed-up: splitting
+the step adds work (smaller per-device ops, collectives, the all-gather of global mining) and no
+compute. Where one device's program leaves cores idle, N devices running at once may fill them,
+a gain bounded by the core count, not data-parallel scaling. docs/parallel.md keeps measured
+tables and how to read them.
 """
 
 from __future__ import annotations

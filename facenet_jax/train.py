@@ -411,6 +411,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             writer.write(step, {f"eval/{k}": v for k, v in m.items()})
     if progress is not None:
         progress.close()
+    if hasattr(batches, "close"):  # Stops grain worker processes now, not at exit.
+        batches.close()
 
     # --- final evaluation
     final, (dist, issame, emb, labels) = evaluate(state, dataset, config, mesh, embed_fn)

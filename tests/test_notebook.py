@@ -79,6 +79,7 @@ def test_notebook_runs_headless_with_the_smoke_config(tmp_path, monkeypatch):
     nb.cells.insert(index + 1, nbformat.v4.new_code_cell(source))
 
     monkeypatch.setenv("JUPYTER_PATH", _kernel_dir(tmp_path))
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))  # Connection files.
     client = nbclient.NotebookClient(
         nb,
         kernel_name=KERNEL_NAME,
