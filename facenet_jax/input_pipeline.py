@@ -77,12 +77,14 @@ class InMemoryDataset:
                 seed=self.config.seed,
                 step=step,
                 replace=d.sample_with_replacement,
-            )[rows]
-            rng = np.random.default_rng([self.config.seed, step, process_index, 1])
+            )
+            # Augment the whole global batch with one (seed, step) generator, then keep this
+            # process's rows: batches do not depend on the number of processes.
+            rng = np.random.default_rng([self.config.seed, step, 1])
             images = preprocessing.augment_batch(
                 train.images[idx], rng, self.augment, crop_padding=d.random_crop_padding
-            )
-            yield {"image": images, "label": train.labels[idx].astype(np.int32)}
+            )[rows]
+            yield {"image": images, "label": train.labels[idx[rows]].astype(np.int32)}
             step += 1
 
     def eval_batches(self, split: str, batch_size: int) -> Iterator[Batch]:

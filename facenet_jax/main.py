@@ -15,7 +15,9 @@ from facenet_jax import parallel, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and evaluation outputs.")
-flags.DEFINE_string("coordinator_address", "", "Multi-process: host:port of process 0.")
+flags.DEFINE_string(
+    "coordinator_address", "", 'Multi-process: host:port of process 0, or "auto" (TPU pod slices).'
+)
 flags.DEFINE_integer("num_processes", 0, "Multi-process: number of JAX processes.")
 flags.DEFINE_integer("process_id", -1, "Multi-process: index of this process.")
 config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)

@@ -306,6 +306,15 @@ def evaluate(
     return metrics, (dist, issame, emb, labels)
 
 
+def _on_all_processes(flag: bool) -> bool:
+    """Process 0's value of ``flag`` on every process, so all take the same branch."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
 def _write_json(path: str, obj: Any) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -353,7 +362,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     baseline_path = os.path.join(workdir, "eval_baseline.json")
     baseline = None
     if config.eval.baseline:
-        if os.path.exists(baseline_path):
+        if _on_all_processes(os.path.exists(baseline_path)):
             with open(baseline_path) as f:
                 baseline = json.load(f)
         else:  # The untrained network: same init as the run (same seed).

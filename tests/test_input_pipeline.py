@@ -44,6 +44,8 @@ def test_process_shards_reassemble_the_global_batch(digits):
     full = next(ds.train_batches(5))
     parts = [next(ds.train_batches(5, i, 2)) for i in range(2)]
     np.testing.assert_array_equal(np.concatenate([p["label"] for p in parts]), full["label"])
+    # Augmented images too: a batch does not depend on how many processes load it.
+    np.testing.assert_array_equal(np.concatenate([p["image"] for p in parts]), full["image"])
 
 
 def test_eval_batches_visit_every_image_once_with_ignore_padding(digits):

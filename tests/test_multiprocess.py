@@ -30,6 +30,14 @@ from facenet_jax import checkpoints, input_pipeline, metric_logging, parallel, t
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES = 2
 LOCAL_DEVICES = 2
+# The run under test, pinned here (the asserted steps follow from them).
+OVERRIDES = {
+    "data.augment": (),
+    "train.mining_scope": "global",
+    "train.num_steps": 6,
+    "train.checkpoint_every": 3,  # The processes resume from step 3...
+    "train.log_every": 2,  # ...and log steps 4 and 6.
+}
 TIMEOUT_S = 400  # For the whole group; ~30-90 s normally. A hang (a process missing a
 # collective) then fails the test with every process's log instead of blocking the suite.
 
@@ -116,8 +124,9 @@ def _config():
     batch would depend on the process count; without it the batch is a function of (seed, step).
     """
     config = smoke.get_config()
-    config.data.augment = ()
-    config.train.mining_scope = "global"
+    for field, value in OVERRIDES.items():
+        section, name = field.split(".")
+        config[section][name] = value
     return config
 
 
@@ -127,8 +136,7 @@ def _main_command(workdir: str, port: int, process_id: int) -> list[str]:
         "-m",
         "facenet_jax.main",
         "--config=configs/smoke.py",
-        "--config.data.augment=()",
-        "--config.train.mining_scope=global",
+        *(f"--config.{k}={v if isinstance(v, str) else repr(v)}" for k, v in OVERRIDES.items()),
         f"--workdir={workdir}",
         f"--coordinator_address=127.0.0.1:{port}",
         f"--num_processes={NUM_PROCESSES}",

@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# Reproduces every number and plot of docs/results.md with the `facenet-jax` command line.
+#
+#   experiments/evaluate_all.sh            # all sections
+#   experiments/evaluate_all.sh bfw yale   # some of: setup bfw bfw_all yale orl omniglot
+#
+# Inputs: two finished training runs (see docs/results.md for their commands) and the data
+# under $DATA. Outputs: JSON and PNG files under $OUT/<name>/ (never inside the repository).
+# Runs one evaluation at a time (the machine this was written on has 2 shared CPU cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PY:-/work/venv/bin/python}
+DATA=${DATA:-/work/shared/data}
+BFW_RUN=${BFW_RUN:-/work/runs/bfw32}
+OMNI_RUN=${OMNI_RUN:-/work/runs/omniglot}
+OUT=${OUT:-/work/runs/results}
+CLI=("$PY" -m facenet_jax.cli)
+if (($#)); then SECTIONS=("$@"); else SECTIONS=(setup bfw bfw_all yale orl omniglot); fi
+
+want() { [[ " ${SECTIONS[*]} " == *" $1 "* ]]; }
+
+# evaluate NAME WORKDIR ARGS...: `facenet-jax evaluate` into $OUT/NAME (metrics.json + plots).
+evaluate() {
+  local name=$1 workdir=$2
+  shift 2
+  echo "== $name" >&2
+  mkdir -p "$OUT/$name"
+  "${CLI[@]}" evaluate --workdir "$workdir" --output-dir "$OUT/$name" --no-progress --json "$@" \
+    >"$OUT/$name/stdout.json"
+}
+
+# episodes NAME WORKDIR ARGS...: `facenet-jax episodes` into $OUT/NAME.
+episodes() {
+  local name=$1 workdir=$2
+  shift 2
+  echo "== $name $*" >&2
+  mkdir -p "$OUT/$name"
+  "${CLI[@]}" episodes --workdir "$workdir" --output-dir "$OUT/$name" --no-progress --json "$@" \
+    >/dev/null
+}
+
+if want setup; then
+  # 1. The BFW run's own identity split, as folders the CLI can read: $OUT/trees/bfw_test and
+  #    bfw_train hold <group>/<identity>/ folders of symlinks to the images of the test split
+  #    (held out from training) and of the train split. Same split code and config as training.
+  # 2. Untrained networks: $OUT/untrained/<run> holds the run's config.json and a step-0
+  #    checkpoint with the run's initialisation (same seed), for the untrained baseline.
+  "$PY" - "$BFW_RUN" "$OMNI_RUN" "$OUT" <<'EOF'
+import os
+import shutil
+import sys
+
+import jax
+import numpy as np
+
+from facenet_jax import checkpoints, input_pipeline, train
+
+bfw_run, omni_run, out = sys.argv[1:]
+config = checkpoints.load_config(bfw_run)
+dataset = input_pipeline.create_dataset(config)
+root = dataset.split_info("train")["root"]
+for split in ("test", "train"):
+    tree = os.path.join(out, "trees", f"bfw_{split}")
+    shutil.rmtree(tree, ignore_errors=True)
+    ids = np.unique(dataset.labels[dataset.splits[split]])
+    for lab in ids:
+        name = dataset.identity_names[lab]  # "<group>/<identity>"
+        src = os.path.join(root, name)
+        os.makedirs(os.path.join(tree, name))
+        for f in sorted(os.listdir(src)):
+            os.symlink(os.path.join(src, f), os.path.join(tree, name, f))
+    print(f"{tree}: {len(ids)} identities", file=sys.stderr)
+
+for run in (bfw_run, omni_run):
+    config = checkpoints.load_config(run)
+    workdir = os.path.join(out, "untrained", os.path.basename(os.path.normpath(run)))
+    shutil.rmtree(workdir, ignore_errors=True)
+    d = config.data
+    state = train.create_train_state(
+        config, jax.random.key(config.seed), (d.image_size, d.image_size, d.channels)
+    )
+    os.makedirs(workdir)
+    checkpoints.write_config(config, workdir)
+    manager = checkpoints.create_manager(workdir, config)
+    checkpoints.save(manager, state)
+    manager.close()
+    print(f"{workdir}: step-0 checkpoint", file=sys.stderr)
+EOF
+fi
+
+UNTRAINED_BFW="$OUT/untrained/$(basename "$BFW_RUN")"
+UNTRAINED_OMNI="$OUT/untrained/$(basename "$OMNI_RUN")"
+BFW_TEST="$OUT/trees/bfw_test"
+BFW_TRAIN="$OUT/trees/bfw_train"
+
+if want bfw; then
+  # Held-out BFW identities, per group; the similarity head is fitted on the training identities.
+  evaluate bfw_heldout "$BFW_RUN" --root "$BFW_TEST" --group-depth 1 --head-train "$BFW_TRAIN"
+  evaluate bfw_heldout_flip "$BFW_RUN" --root "$BFW_TEST" --group-depth 1 --flip
+  evaluate bfw_heldout_untrained "$UNTRAINED_BFW" --root "$BFW_TEST" --group-depth 1
+fi
+
+if want bfw_all; then
+  # All 800 BFW identities (90% were seen in training or validation): context, not a test.
+  evaluate bfw_all_identities "$BFW_RUN" --root "$DATA/bfw" --group-depth 1
+fi
+
+if want yale; then
+  evaluate yale "$BFW_RUN" --root "$DATA/extended_yaleb/CroppedYale" --head-train "$BFW_TRAIN"
+  evaluate yale_untrained "$UNTRAINED_BFW" --root "$DATA/extended_yaleb/CroppedYale"
+fi
+
+if want orl; then
+  evaluate orl "$BFW_RUN" --root "$DATA/orl" --head-train "$BFW_TRAIN"
+  evaluate orl_untrained "$UNTRAINED_BFW" --root "$DATA/orl"
+fi
+
+if want omniglot; then
+  EVAL_ALPHABETS="$DATA/omniglot/images_evaluation.zip/images_evaluation"
+  for way in 5 20; do
+    episodes omniglot_episodes "$OMNI_RUN" --root "$EVAL_ALPHABETS" --group-depth 1 \
+      --way "$way" --shot 1 --episodes 1000
+    episodes omniglot_episodes_untrained "$UNTRAINED_OMNI" --root "$EVAL_ALPHABETS" \
+      --group-depth 1 --way "$way" --shot 1 --episodes 1000
+  done
+  evaluate omniglot_verification "$OMNI_RUN" --root "$EVAL_ALPHABETS" --group-depth 1
+fi
+echo "results under $OUT" >&2
