@@ -41,9 +41,9 @@ episodes() {
 }
 
 if want setup; then
-  # 1. The BFW run's own identity split, as folders the CLI can read: $OUT/trees/bfw_test and
-  #    bfw_train hold <group>/<identity>/ folders of symlinks to the images of the test split
-  #    (held out from training) and of the train split. Same split code and config as training.
+  # 1. The BFW run's own identity split, as folders the CLI can read: $OUT/trees/bfw_test[_flat]
+  #    and bfw_train[_flat] hold folders of symlinks to the images of the test split (held out
+  #    from training) and of the train split. Same split code and config as training.
   # 2. Untrained networks: $OUT/untrained/<run> holds the run's config.json and a step-0
   #    checkpoint with the run's initialisation (same seed), for the untrained baseline.
   "$PY" - "$BFW_RUN" "$OMNI_RUN" "$OUT" <<'EOF'
@@ -61,16 +61,21 @@ config = checkpoints.load_config(bfw_run)
 dataset = input_pipeline.create_dataset(config)
 root = dataset.split_info("train")["root"]
 for split in ("test", "train"):
-    tree = os.path.join(out, "trees", f"bfw_{split}")
-    shutil.rmtree(tree, ignore_errors=True)
     ids = np.unique(dataset.labels[dataset.splits[split]])
-    for lab in ids:
-        name = dataset.identity_names[lab]  # "<group>/<identity>"
-        src = os.path.join(root, name)
-        os.makedirs(os.path.join(tree, name))
-        for f in sorted(os.listdir(src)):
-            os.symlink(os.path.join(src, f), os.path.join(tree, name, f))
-    print(f"{tree}: {len(ids)} identities", file=sys.stderr)
+    # <group>/<identity>/ (--group-depth 1), and flat <group>__<identity>/ (--group-depth 0):
+    # without groups the CLI draws impostor pairs from any identity, as the training run's own
+    # evaluation does, and --head-train (read with the evaluated root's --group-depth) needs
+    # the flat tree next to a root without groups.
+    for tree, sep in ((f"bfw_{split}", "/"), (f"bfw_{split}_flat", "__")):
+        tree = os.path.join(out, "trees", tree)
+        shutil.rmtree(tree, ignore_errors=True)
+        for lab in ids:
+            name = dataset.identity_names[lab]  # "<group>/<identity>"
+            src, dst = os.path.join(root, name), os.path.join(tree, name.replace("/", sep))
+            os.makedirs(dst)
+            for f in sorted(os.listdir(src)):
+                os.symlink(os.path.join(src, f), os.path.join(dst, f))
+        print(f"{tree}: {len(ids)} identities", file=sys.stderr)
 
 for run in (bfw_run, omni_run):
     config = checkpoints.load_config(run)
@@ -93,12 +98,17 @@ UNTRAINED_BFW="$OUT/untrained/$(basename "$BFW_RUN")"
 UNTRAINED_OMNI="$OUT/untrained/$(basename "$OMNI_RUN")"
 BFW_TEST="$OUT/trees/bfw_test"
 BFW_TRAIN="$OUT/trees/bfw_train"
+BFW_TEST_FLAT="$OUT/trees/bfw_test_flat"
+BFW_TRAIN_FLAT="$OUT/trees/bfw_train_flat"
 
 if want bfw; then
   # Held-out BFW identities, per group; the similarity head is fitted on the training identities.
   evaluate bfw_heldout "$BFW_RUN" --root "$BFW_TEST" --group-depth 1 --head-train "$BFW_TRAIN"
   evaluate bfw_heldout_flip "$BFW_RUN" --root "$BFW_TEST" --group-depth 1 --flip
   evaluate bfw_heldout_untrained "$UNTRAINED_BFW" --root "$BFW_TEST" --group-depth 1
+  # Impostors from any identity (not only the same group): the training run's eval.json protocol.
+  evaluate bfw_heldout_any_impostor "$BFW_RUN" --root "$BFW_TEST_FLAT" --head-train "$BFW_TRAIN_FLAT"
+  evaluate bfw_heldout_any_impostor_untrained "$UNTRAINED_BFW" --root "$BFW_TEST_FLAT"
 fi
 
 if want bfw_all; then
@@ -107,12 +117,12 @@ if want bfw_all; then
 fi
 
 if want yale; then
-  evaluate yale "$BFW_RUN" --root "$DATA/extended_yaleb/CroppedYale" --head-train "$BFW_TRAIN"
+  evaluate yale "$BFW_RUN" --root "$DATA/extended_yaleb/CroppedYale" --head-train "$BFW_TRAIN_FLAT"
   evaluate yale_untrained "$UNTRAINED_BFW" --root "$DATA/extended_yaleb/CroppedYale"
 fi
 
 if want orl; then
-  evaluate orl "$BFW_RUN" --root "$DATA/orl" --head-train "$BFW_TRAIN"
+  evaluate orl "$BFW_RUN" --root "$DATA/orl" --head-train "$BFW_TRAIN_FLAT"
   evaluate orl_untrained "$UNTRAINED_BFW" --root "$DATA/orl"
 fi
 
