@@ -3,6 +3,7 @@
 #
 #   experiments/evaluate_all.sh            # all sections
 #   experiments/evaluate_all.sh bfw yale   # some of: setup bfw bfw_all yale orl omniglot
+#                                          #   omniglot_within
 #
 # Inputs: two finished training runs (see docs/results.md for their commands) and the data
 # under $DATA. Outputs: JSON and PNG files under $OUT/<name>/ (never inside the repository).
@@ -16,7 +17,7 @@ BFW_RUN=${BFW_RUN:-/work/runs/bfw32}
 OMNI_RUN=${OMNI_RUN:-/work/runs/omniglot}
 OUT=${OUT:-/work/runs/results}
 CLI=("$PY" -m facenet_jax.cli)
-if (($#)); then SECTIONS=("$@"); else SECTIONS=(setup bfw bfw_all yale orl omniglot); fi
+if (($#)); then SECTIONS=("$@"); else SECTIONS=(setup bfw bfw_all yale orl omniglot omniglot_within); fi
 
 want() { [[ " ${SECTIONS[*]} " == *" $1 "* ]]; }
 
@@ -135,5 +136,58 @@ if want omniglot; then
       --group-depth 1 --way "$way" --shot 1 --episodes 1000
   done
   evaluate omniglot_verification "$OMNI_RUN" --root "$EVAL_ALPHABETS" --group-depth 1
+fi
+
+if want omniglot_within; then
+  # The harder, customary protocol (Lake et al. 2015; Koch et al. 2015): the 20 classes of an
+  # episode all come from one alphabet. 200 episodes in each of the 20 evaluation alphabets.
+  EVAL_ALPHABETS="$DATA/omniglot/images_evaluation.zip/images_evaluation"
+  WITHIN="$OUT/omniglot_within_alphabet"
+  mapfile -t ALPHABETS < <("$PY" -c '
+import sys, zipfile
+names = zipfile.ZipFile(sys.argv[1]).namelist()
+print("\n".join(sorted({n.split("/")[1] for n in names if n.count("/") == 3 and n.endswith(".png")})))
+' "$DATA/omniglot/images_evaluation.zip")
+  for tag in trained untrained; do
+    workdir=$OMNI_RUN
+    [[ $tag == untrained ]] && workdir=$UNTRAINED_OMNI
+    for alphabet in "${ALPHABETS[@]}"; do
+      episodes "omniglot_within_alphabet/$tag/$alphabet" "$workdir" \
+        --root "$EVAL_ALPHABETS/$alphabet" --way 20 --shot 1 --episodes 200
+    done
+  done
+  # Mean over the 20 x 200 episodes, and its 95% interval from the pooled episode variance.
+  "$PY" - "$WITHIN" "${ALPHABETS[@]}" <<'EOF'
+import json
+import math
+import os
+import sys
+
+within, alphabets = sys.argv[1], sys.argv[2:]
+for tag in ("trained", "untrained"):
+    runs = []
+    for a in alphabets:
+        with open(os.path.join(within, tag, a, "episodes_20way_1shot.json")) as f:
+            runs.append(json.load(f))
+    n = sum(r["num_episodes"] for r in runs)
+    mean = sum(r["accuracy"] * r["num_episodes"] for r in runs) / n
+    # Per alphabet, ci95 = 1.96 * std / sqrt(n_a) (std with ddof=1): recover the sums of squares.
+    ss = sum(
+        (r["num_episodes"] - 1) * (r["ci95"] * math.sqrt(r["num_episodes"]) / 1.96) ** 2
+        + r["num_episodes"] * (r["accuracy"] - mean) ** 2
+        for r in runs
+    )
+    summary = {
+        "accuracy": mean,
+        "ci95": 1.96 * math.sqrt(ss / (n - 1)) / math.sqrt(n),
+        "num_episodes": n,
+        "way": 20,
+        "shot": 1,
+        "per_alphabet": {a: r["accuracy"] for a, r in zip(alphabets, runs, strict=True)},
+    }
+    with open(os.path.join(within, f"summary_{tag}.json"), "w") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
+    print(f"{tag}: within-alphabet 20-way 1-shot {mean:.4f} +- {summary['ci95']:.4f}")
+EOF
 fi
 echo "results under $OUT" >&2

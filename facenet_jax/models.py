@@ -28,6 +28,18 @@ def l2_normalize(x: jnp.ndarray, eps: float = 1e-12) -> jnp.ndarray:
 POOLINGS = ("avg", "flatten")
 
 
+def batch_norm(train: bool, dtype: Any, axis_name: str | None) -> Callable[..., nn.Module]:
+    """BatchNorm factory: batch statistics (synchronised over ``axis_name``) when training,
+    running averages otherwise."""
+    return functools.partial(
+        nn.BatchNorm,
+        use_running_average=not train,
+        momentum=0.9,
+        dtype=dtype,
+        axis_name=axis_name if train else None,
+    )
+
+
 class EmbeddingHead(nn.Module):
     """Pool -> Dense(d) -> L2 normalise: [B, h, w, c] -> [B, d] unit vectors.
 
@@ -63,13 +75,7 @@ class SmallCNN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
-        norm = functools.partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=0.9,
-            dtype=self.dtype,
-            axis_name=self.bn_axis_name if train else None,
-        )
+        norm = batch_norm(train, self.dtype, self.bn_axis_name)
         x = x.astype(self.dtype)
         for stage in range(3):
             for _ in range(2):
@@ -113,13 +119,7 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = True) -> jnp.ndarray:
-        norm = functools.partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=0.9,
-            dtype=self.dtype,
-            axis_name=self.bn_axis_name if train else None,
-        )
+        norm = batch_norm(train, self.dtype, self.bn_axis_name)
         x = x.astype(self.dtype)
         if x.shape[1] >= 96:
             x = nn.Conv(self.width, (7, 7), strides=2, use_bias=False, dtype=self.dtype)(x)
