@@ -202,14 +202,10 @@ def train_step(
         return loss, (terms, updates["batch_stats"])
 
     (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    if is_global:
-        grads = lax.psum(grads, axis_name)
-        _, diagnostics = losses.terms_to_loss(jax.tree.map(lambda x: lax.psum(x, axis_name), terms))
-        loss = lax.psum(loss, axis_name)
-    else:
-        grads = lax.pmean(grads, axis_name)
-        _, diagnostics = losses.terms_to_loss(jax.tree.map(lambda x: lax.psum(x, axis_name), terms))
-        loss = lax.pmean(loss, axis_name)
+    # Global: L = sum_d L_d. Local: L = mean_d L_d. Diagnostics always pool all devices' terms.
+    reduce = lax.psum if is_global else lax.pmean
+    grads, loss = reduce(grads, axis_name), reduce(loss, axis_name)
+    _, diagnostics = losses.terms_to_loss(jax.tree.map(lambda x: lax.psum(x, axis_name), terms))
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     metrics = {
         **{k: jnp.asarray(v, jnp.float32) for k, v in diagnostics.items()},
@@ -294,7 +290,7 @@ def evaluate(
     """Verification on same/different pairs of the eval split.
 
     Returns:
-      (metrics, (far, tar, distances/issame for plots)).
+      (metrics, (pair distances [N], issame [N], embeddings [M, d], labels [M])).
     """
     e = config.eval
     emb, labels, _ = embed_split(state, dataset, e.split, e.batch_size, mesh, embed_fn)
@@ -341,7 +337,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mesh = parallel.create_mesh()
     dataset = input_pipeline.create_dataset(config)
     global_batch = config.data.identities_per_batch * config.data.images_per_identity
-    parallel.check_batch_size(global_batch, mesh, "config.data.identities_per_batch * K")
+    step_fn = make_train_step(config, mesh)  # Checks the batch splits over the devices (cheap).
     logging.info(
         "global batch %d = P %d x K %d on %d devices (%d per device), mining %s (%s)",
         global_batch,
@@ -379,7 +375,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info("resumed from checkpoint at step %d", start_step)
 
     # --- update step
-    step_fn = make_train_step(config, mesh)
     writer = metric_logging.MetricWriter(workdir)
     t = config.train
     batches = dataset.train_batches(start_step, jax.process_index(), jax.process_count())
