@@ -1,8 +1,11 @@
-"""Default configuration: a small CNN trained on scikit-learn's bundled 8x8 digits.
+"""Default configuration: a small CNN trained on two-digit numbers from scikit-learn's digits.
 
-The digits ship inside scikit-learn, so this runs on any machine with no internet. Classes 0-6 are
-the training identities; classes 7-9 are never seen in training and are used for verification,
-which is the one-shot setting: the embedding must separate people (classes) it has never seen.
+The 8x8 digits ship inside scikit-learn, so this runs on any machine with no internet. Each of the
+100 numbers 00..99 is an identity, written as two digit images side by side (source digit_pairs,
+facenet_jax/input_pipeline.py). 80 numbers train; 10 test numbers are never seen in training and
+are written with digit images never seen in training either: verification on them is the
+one-shot setting, where the embedding must separate people (numbers) it has never seen.
+`configs/digits.py` is the harder single-digit variant (train on digits 0-6, verify on 7-9).
 
 Variants (`configs/bfw.py`, `configs/smoke.py`, ...) import this file and override a few fields.
 Any field can be overridden on the command line, e.g. `--config.train.margin=0.3`.
@@ -17,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- data
     data = config.data = ml_collections.ConfigDict()
-    data.source = "digits"  # digits (bundled, offline) | folder (ROOT/<identity>/<img>) | tfds.
+    data.source = "digit_pairs"  # digit_pairs | digits (bundled) | folder (ROOT/<id>/<img>) | tfds.
     data.root = ""  # source=folder: the image tree ROOT/[<group>/]<identity>/<image> (or a zip).
     data.group_depth = 0  # source=folder: 1 when identities sit under group folders (BFW).
     data.tfds_name = ""  # source=tfds: a catalog name with image+label features, e.g. "mnist".
@@ -28,23 +31,23 @@ def get_config() -> ml_collections.ConfigDict:
     data.data_dir = ""  # Where prepared ArrayRecord data is cached ("" = ~/tensorflow_datasets).
     data.prepare_workers = 0  # source=folder: processes decoding the folder once (0 = per core).
     data.train_classes = (0, 1, 2, 3, 4, 5, 6)  # source=digits: training identities.
+    data.digit_pair_images = 60  # source=digit_pairs: images composed for each number.
     data.split_by = "identity"  # identity: disjoint identities per split | image: split images.
     data.split_seed = 0  # Seeds the identity-disjoint train/validation/test split.
-    data.val_fraction = 0.1  # Fraction of identities held out for validation (source=folder/tfds).
-    data.test_fraction = 0.1  # Fraction of identities held out for test (source=folder/tfds).
+    data.val_fraction = 0.1  # Fraction of identities held out for validation (not source=digits).
+    data.test_fraction = 0.1  # Fraction of identities held out for test (not source=digits).
     data.image_size = 16  # Model input is image_size x image_size.
     data.channels = 1  # 1 = grey, 3 = RGB; images are converted on decode.
     data.crop = "none"  # none | center | detect (MTCNN face box, center-crop fallback).
     data.detector = "mtcnn"  # crop=detect: face detector (face_detection.DETECTORS): mtcnn | haar.
     data.detect_margin = 0.2  # crop=detect: the square crop enlarges the face box by this fraction.
     data.center_crop_fraction = 1.0  # crop=center: side of the central square crop / image side.
-    data.identities_per_batch = 6  # P: identities in each global batch (of 7 digits).
+    data.identities_per_batch = 6  # P: identities in each global batch (of 80 training numbers).
     data.images_per_identity = 16  # K (>= 2): images of each identity in each global batch.
     data.sample_with_replacement = True  # Identities with < K images: True resamples, False skips.
     data.min_images_per_identity = 2  # Identities with fewer images are excluded from training.
-    data.augment = ("random_crop", "flip")  # Any of: random_crop, flip, color; () for none.
-    # A mirrored digit is another glyph, yet flip regularises the 7-class digits run: without it
-    # the trained net did no better than the untrained one on unseen digits (README).
+    data.augment = ("random_crop",)  # Any of: random_crop, flip, color; () for none.
+    # No flip here: a mirrored "37" is another glyph pair, not the same number.
     data.random_crop_padding = 2  # random_crop: pad by this many pixels, crop back to size.
     data.num_workers = 0  # Grain worker processes for decoding (0 = in the main process).
     data.prefetch = 2  # Batches prefetched ahead of the train step.

@@ -1,4 +1,4 @@
-"""Smoke test: the default (bundled digits) shrunk to a few seconds of training, for tests."""
+"""Smoke test: the default (bundled digit pairs) shrunk to a few seconds of training, for tests."""
 
 from configs import default
 
@@ -6,7 +6,7 @@ from configs import default
 def get_config():
     config = default.get_config()
     config.data.image_size = 16  # Tiny inputs: compile and run in seconds.
-    config.data.identities_per_batch = 4  # P: 4 of the 6 training digits per batch.
+    config.data.identities_per_batch = 4  # P: 4 training numbers per batch.
     config.data.images_per_identity = 4  # K: 16 images per global batch.
     config.model.width = 8  # A narrow CNN.
     config.model.embedding_dim = 16  # A short embedding.
@@ -17,5 +17,5 @@ def get_config():
     config.train.progress_bar = False  # No tqdm output in test logs.
     config.eval.num_pairs = 200  # Few verification pairs.
     config.eval.num_folds = 5  # Few folds.
-    config.eval.batch_size = 128  # Eval batches over the unseen digits 7-9, the last one padded.
+    config.eval.batch_size = 128  # Eval batches over the 600 unseen-number images, the last padded.
     return config

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import ml_collections
@@ -374,6 +374,25 @@ class RecordDataset:
         return self.splits[split]
 
 
+def prepare_once(prepare: Callable[[], Any]) -> Any:
+    """Runs ``prepare`` on process 0 first, then (after a barrier) on the other processes.
+
+    In a multi-host run every process builds the dataset; preparing concurrently would have
+    several processes write the same tfds directory. Process 0 prepares alone; the others then
+    find the data prepared (shared ``data_dir``) and only read it, or prepare their own copy
+    (host-local ``data_dir``). Single-process runs just call ``prepare``.
+    """
+    import jax  # Not at module level: grain workers import this module and need no JAX.
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return prepare()
+
+    result = prepare() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("facenet_jax.folder_dataset.prepare")
+    return prepare() if result is None else result
+
+
 def create_dataset(config: ml_collections.ConfigDict) -> RecordDataset:
     """``config.data.source = "folder"``: prepares ``config.data.root`` once, then reads it."""
     import tensorflow_datasets as tfds
@@ -381,12 +400,14 @@ def create_dataset(config: ml_collections.ConfigDict) -> RecordDataset:
     d = config.data
     crop = preprocessing.check_crop(d.crop)
     detector = d.get("detector", "mtcnn") if crop == "detect" else ""
-    builder = folder_builder.prepare(
-        d.root,
-        group_depth=int(d.group_depth),
-        data_dir=d.data_dir,
-        detector=detector,
-        num_workers=int(d.get("prepare_workers", 0)),
+    builder = prepare_once(
+        lambda: folder_builder.prepare(
+            d.root,
+            group_depth=int(d.group_depth),
+            data_dir=d.data_dir,
+            detector=detector,
+            num_workers=int(d.get("prepare_workers", 0)),
+        )
     )
     meta = builder.info.metadata
     # Read through a builder restored from the prepared directory (pickles into grain workers

@@ -164,6 +164,94 @@ def create_digits_dataset(config: ml_collections.ConfigDict) -> InMemoryDataset:
     return InMemoryDataset({"train": split(is_train), "val": test, "test": test}, config)
 
 
+def digit_pair_plan(
+    digit_labels: np.ndarray, seed: int, num_val: int, num_test: int, per_number: int
+) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Which digit images compose which number, per split (``create_digit_pairs_dataset``).
+
+    Args:
+      digit_labels: [M] digit (0-9) of each source image.
+      seed: split seed; the plan is a pure function of the arguments.
+      num_val, num_test: numbers held out for validation and test (the rest train).
+      per_number: images composed for each number.
+
+    Returns:
+      ``{split: (labels, left, right)}``: [N] int32 numbers ``10 a + b`` and [N] int64 indices
+      of the source images of ``a`` (left) and ``b`` (right), ``per_number`` rows per number.
+      Train rows use only images of a 75% pool, val/test rows only the other images.
+    """
+    rng = np.random.default_rng([seed, 0xD161])
+    order = rng.permutation(100)
+    numbers = {
+        "test": np.sort(order[:num_test]),
+        "val": np.sort(order[num_test : num_test + num_val]),
+        "train": np.sort(order[num_test + num_val :]),
+    }
+    train_pool = rng.random(len(digit_labels)) < 0.75
+    plan = {}
+    for name, nums in numbers.items():
+        pool = train_pool if name == "train" else ~train_pool
+        by_digit = [np.flatnonzero((digit_labels == k) & pool) for k in range(10)]
+        left = [rng.choice(by_digit[n // 10], per_number) for n in nums]
+        right = [rng.choice(by_digit[n % 10], per_number) for n in nums]
+        plan[name] = (
+            np.repeat(nums, per_number).astype(np.int32),
+            np.concatenate(left) if len(nums) else np.zeros(0, np.int64),
+            np.concatenate(right) if len(nums) else np.zeros(0, np.int64),
+        )
+    return plan
+
+
+def create_digit_pairs_dataset(config: ml_collections.ConfigDict) -> InMemoryDataset:
+    """Two-digit numbers written with scikit-learn's bundled 8x8 digits: 100 identities.
+
+    Identity ``n = 10 a + b`` (00..99) is the number whose tens digit ``a`` and units digit ``b``
+    sit side by side: each of its ``config.data.digit_pair_images`` images puts a random image of
+    ``a`` left of a random image of ``b`` ([8, 16], resized to image_size x image_size). This is
+    the Double-MNIST construction of few-shot benchmarks, on data that ships with scikit-learn.
+
+    The 100 numbers are split by identity (``val_fraction``, ``test_fraction``, seeded by
+    ``split_seed``), and the 1,797 digit images by pool: training numbers are composed only of
+    images from a 75% pool, validation and test numbers only of the other 25%. Held-out
+    identities are therefore numbers never seen in training, written with images never seen in
+    training: the one-shot setting of face verification, where new people are new combinations
+    of features the network has learnt.
+    """
+    from sklearn.datasets import load_digits
+
+    d = config.data
+    if d.channels != 1:
+        raise ValueError(f"config.data.channels: digits are grey, use 1 (got {d.channels})")
+    per_number = int(d.digit_pair_images)
+    if per_number < 2:
+        raise ValueError(f"config.data.digit_pair_images must be >= 2, got {per_number}")
+    num_val, num_test = round(100 * d.val_fraction), round(100 * d.test_fraction)
+    if num_test < 2 or num_val < 0 or num_val + num_test > 98:
+        raise ValueError(
+            "config.data.val_fraction / test_fraction must leave >= 2 test and >= 2 training "
+            f"numbers of 100, got {d.val_fraction} / {d.test_fraction}"
+        )
+    digits = load_digits()
+    plan = digit_pair_plan(digits.target, d.split_seed, num_val, num_test, per_number)
+    names = [f"{n:02d}" for n in range(100)]
+
+    def split(labels: np.ndarray, left: np.ndarray, right: np.ndarray) -> InMemorySplit:
+        pairs = np.concatenate([digits.images[left], digits.images[right]], axis=2)  # [N, 8, 16]
+        images = _resize_batch(pairs.astype(np.float32)[..., None], d.image_size)
+        return InMemorySplit(
+            images=preprocessing.to_unit_range(images, 16.0),
+            labels=labels,
+            groups=np.zeros(len(labels), np.int32),
+            identity_names=names,
+            group_names=["all"],
+        )
+
+    splits = {name: split(*rows) for name, rows in plan.items() if len(rows[0])}
+    if "val" not in splits:
+        splits["val"] = splits["test"]
+    return InMemoryDataset(splits, config)
+
+
 def _create_folder_dataset(config: ml_collections.ConfigDict) -> FaceDataset:
     from facenet_jax import folder_dataset
 
@@ -178,6 +266,7 @@ def _create_tfds_dataset(config: ml_collections.ConfigDict) -> FaceDataset:
 
 SOURCES: dict[str, Callable[[ml_collections.ConfigDict], FaceDataset]] = {
     "digits": create_digits_dataset,
+    "digit_pairs": create_digit_pairs_dataset,
     "folder": _create_folder_dataset,
     "tfds": _create_tfds_dataset,
 }

@@ -494,3 +494,22 @@ def test_catalog_errors_are_clear(tmp_path):
     config.data.crop = "detect"
     with pytest.raises(ValueError, match="crop='detect'"):
         folder_dataset.create_catalog_dataset(config)
+
+
+@pytest.mark.parametrize("process_index", [0, 1])
+def test_prepare_once_prepares_on_process_0_before_the_others(monkeypatch, process_index):
+    import jax
+    from jax.experimental import multihost_utils
+
+    events = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: process_index)
+    monkeypatch.setattr(multihost_utils, "sync_global_devices", lambda name: events.append("sync"))
+
+    def prepare():
+        events.append("prepare")
+        return "builder"
+
+    assert folder_dataset.prepare_once(prepare) == "builder"
+    # Process 0 prepares, then waits; the others wait for it, then (find it prepared and) read.
+    assert events == (["prepare", "sync"] if process_index == 0 else ["sync", "prepare"])
