@@ -388,6 +388,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # --- loop
     last_time, last_step = time.perf_counter(), start_step
     metrics = None
+    collapse_warned = False
     for step in range(start_step + 1, t.num_steps + 1):
         batch = parallel.shard_batch(next(batches), mesh)
         state, metrics = step_fn(state, batch)
@@ -402,6 +403,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             m["steps_per_sec"] = (step - last_step) / (now - last_time)
             last_time, last_step = now, step
             writer.write(step, m)
+            if not collapse_warned and (message := collapse_message(m)):
+                logging.warning("step %d: %s", step, message)
+                collapse_warned = True
             if progress is not None:
                 progress.set_postfix(
                     loss=f"{m['loss']:.4f}", active=f"{m['fraction_active']:.2f}", refresh=False
@@ -443,6 +447,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     manager.close()
     _log_summary(final, baseline, config)
     return final
+
+
+COLLAPSE_DISTANCE = 1e-2  # Mean mined distances below this (both) mean f(x) is ~constant.
+
+
+def collapse_message(metrics: dict[str, Any]) -> str | None:
+    """A warning when the mined triplets say the embedding has collapsed to one point, else None.
+
+    With unit-norm embeddings, distinct identities at a mean mined distance d(a,n) < 0.01 (and
+    positives as close) mean f(x) is nearly constant: the failure of the hardest negatives that
+    FaceNet describes (docs/ablations.md measures it for batch_hard and hardest).
+    """
+    pos, neg = float(metrics["mean_pos_dist"]), float(metrics["mean_neg_dist"])
+    if max(pos, neg) >= COLLAPSE_DISTANCE or metrics.get("num_valid", 1) == 0:
+        return None
+    return (
+        f"the embedding looks collapsed: mean mined d(a,p) = {pos:.2g} and d(a,n) = {neg:.2g} "
+        f"(< {COLLAPSE_DISTANCE:g}), {float(metrics['fraction_active']):.0%} active; f(x) is "
+        "nearly constant. Semi-hard mining (train.mining=semi_hard) avoids this; with "
+        "hardest negatives, plain distances (train.squared=False) helped (docs/ablations.md)"
+    )
 
 
 def _log_summary(final: dict[str, Any], baseline: dict[str, Any] | None, config) -> None:

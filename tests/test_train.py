@@ -138,3 +138,16 @@ def test_main_job_cli_runs_and_prints_verification(tmp_path):
     assert "ROC AUC" in out.stdout and "untrained" in out.stdout
     with open(tmp_path / "cli" / "config.json") as f:
         assert json.load(f)["train"]["margin"] == 0.3
+
+
+def test_collapse_message_flags_only_a_collapsed_embedding():
+    # Logged metrics of real default-config runs (docs/ablations.md): batch_hard at step 50, and
+    # semi_hard at step 50.
+    collapsed = {"mean_pos_dist": 0.0028, "mean_neg_dist": 0.0013, "fraction_active": 1.0}
+    healthy = {"mean_pos_dist": 0.53, "mean_neg_dist": 0.71, "fraction_active": 0.68}
+    message = train.collapse_message(collapsed)
+    assert message is not None and "collapsed" in message and "semi_hard" in message
+    assert train.collapse_message(healthy) is None
+    # Positives merged but negatives apart is not a collapse; nor is a batch with nothing valid.
+    assert train.collapse_message({**collapsed, "mean_neg_dist": 0.5}) is None
+    assert train.collapse_message({**collapsed, "num_valid": 0}) is None
