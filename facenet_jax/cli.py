@@ -6,6 +6,7 @@
     facenet-jax identify IMG... --workdir RUN --gallery gallery.npz
     facenet-jax evaluate --workdir RUN --pairs pairs.txt --root LFW   (or --csv pairs.csv,
                                                                       or --root DIR alone)
+    facenet-jax evaluate --workdir RUN --split test   (the run's own held-out identities)
     facenet-jax episodes --workdir RUN --root DIR --way 20 --shot 1
 
 (or ``python -m facenet_jax.cli ...``). Images go through the run's own preprocessing
@@ -32,7 +33,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from facenet_jax import evaluation, identification, pairs, plots, retrieval
+from facenet_jax import evaluation, identification, pairs, plots, retrieval, sampling
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".bmp", ".gif", ".tif", ".tiff")
 log = logging.getLogger("facenet_jax.cli")
@@ -355,11 +356,58 @@ def _verification_plots(out_dir: str, dist, issame, metrics: dict) -> list[str]:
 
 
 def cmd_evaluate(args, load) -> dict:
+    if args.split and (args.pairs or args.csv):
+        raise ValueError("--split evaluates the run's own data: use it without --pairs/--csv")
+    if args.split:
+        return _evaluate_split(args, load)
     if args.pairs or args.csv:
         return _evaluate_pairs(args, load)
     if not args.root:
-        raise ValueError("evaluate needs --pairs FILE --root DIR, --csv FILE, or --root DIR")
+        raise ValueError(
+            "evaluate needs --pairs FILE --root DIR, --csv FILE, --root DIR or --split NAME"
+        )
     return _evaluate_folder(args, load)
+
+
+def _evaluate_split(args, load) -> dict:
+    """The folder protocol on a split of the run's own dataset (``config.data``, e.g. the unseen
+    test identities); ``--root`` points the run's folder source elsewhere if the data moved."""
+    from facenet_jax import input_pipeline
+
+    embedder = load()
+    config = embedder.config.copy_and_resolve_references()
+    if args.root:
+        config.data.root = args.root
+    dataset = input_pipeline.create_dataset(config)
+    info = dataset.split_info(args.split)  # Unknown split names fail here, naming the valid ones.
+    embs, labels, groups = [], [], []
+    from tqdm.auto import tqdm
+
+    total = info["num_images"]
+    bar = tqdm(total=total, desc=f"embed {args.split}", disable=not args.progress, file=sys.stderr)
+    for batch in dataset.eval_batches(args.split, args.batch_size):
+        keep = batch["label"] != sampling.IGNORE_LABEL
+        x = np.asarray(batch["image"], np.float32)
+        emb = _embed_padded(embedder, x, args.batch_size)
+        if args.flip:
+            mirror = _embed_padded(embedder, np.ascontiguousarray(x[:, :, ::-1]), args.batch_size)
+            emb = identification.l2_normalize(emb + mirror)
+        embs.append(np.asarray(emb, np.float32)[keep])
+        labels.append(batch["label"][keep])
+        groups.append(batch["group"][keep])
+        bar.update(int(keep.sum()))
+    bar.close()
+    images = ImageSet(
+        root=f"{config.data.source}:{args.split}",
+        files=[f"{args.split}/{k}" for k in range(sum(len(x) for x in labels))],
+        labels=np.concatenate(labels),
+        identity_names=list(info["identity_names"]),
+        groups=np.concatenate(groups),
+        group_names=list(info["group_names"]),
+    )
+    result = _evaluate_embedded(args, embedder, np.concatenate(embs), images, args.split)
+    result["split"] = args.split
+    return result
 
 
 def _evaluate_pairs(args, load) -> dict:
@@ -417,6 +465,11 @@ def _evaluate_folder(args, load) -> dict:
     images = list_images(args.root, args.group_depth)
     embedder = load()
     emb, images = _embed_set(embedder, images, args)
+    return _evaluate_embedded(args, embedder, emb, images, _stem(args.root))
+
+
+def _evaluate_embedded(args, embedder, emb: np.ndarray, images: ImageSet, name: str) -> dict:
+    """Verification, retrieval, open-set identification and plots of embedded labelled images."""
     # With groups, impostor pairs stay within a group (the BFW protocol): a group's FAR then
     # measures confusions between its own members, not with easier, other-group faces.
     grouped = len(images.group_names) > 1
@@ -435,7 +488,7 @@ def _evaluate_folder(args, load) -> dict:
         result["similarity_head"] = evaluation.verification_metrics(
             scores, issame, args.folds, args.seed
         )
-    out_dir = _mkdir(_output_dir(args, f"evaluate-{_stem(args.root)}"))
+    out_dir = _mkdir(_output_dir(args, f"evaluate-{name}"))
     figs = _verification_plots(out_dir, dist, issame, result["verification"])
     figs.append(
         plots.plot_embeddings_2d(
@@ -466,7 +519,7 @@ def _evaluate_folder(args, load) -> dict:
         )
     result.update(
         plots=figs,
-        root=args.root,
+        root=images.root,
         negative_pairs="within group" if grouped else "any identity",
         num_images=len(images.files),
         num_identities=int(len(np.unique(images.labels))),
@@ -565,6 +618,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", default=None, help="LFW-format pairs.txt")
     p.add_argument("--csv", default=None, help="CSV of path1,path2,label[,fold]")
     p.add_argument("--root", default=None, help="image root (alone: evaluate the whole tree)")
+    p.add_argument(
+        "--split",
+        default=None,
+        help="evaluate a split of the run's own dataset (test: its unseen identities; val; train)",
+    )
     p.add_argument("--folds", type=int, default=10, help="folds when the pairs define none")
     p.add_argument("--num-pairs", type=int, default=6000, help="tree mode: pairs to sample")
     p.add_argument("--far", type=float, default=1e-3, help="tree mode: open-set target FAR")

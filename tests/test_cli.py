@@ -315,6 +315,41 @@ def test_evaluate_tree_with_groups(workdir, tree, capsys, tmp_path):
     assert {"group_accuracy.png", "group_far.png", "embeddings.png"} <= set(os.listdir(out_dir))
 
 
+def test_evaluate_split_reproduces_the_runs_own_evaluation(workdir, capsys, tmp_path):
+    with open(os.path.join(workdir, "eval.json")) as f:
+        trained = json.load(f)["trained"]
+    with open(os.path.join(workdir, "config.json")) as f:
+        config = json.load(f)
+    # The training run's final evaluation: config.eval.num_pairs pairs of the test split drawn
+    # with config.seed, config.eval.num_folds folds; the CLI redoes it from the checkpoint.
+    m = run(
+        [
+            "evaluate",
+            "--workdir",
+            workdir,
+            "--split",
+            "test",
+            "--num-pairs",
+            str(config["eval"]["num_pairs"]),
+            "--folds",
+            str(config["eval"]["num_folds"]),
+            "--seed",
+            str(config["seed"]),
+            "--output-dir",
+            str(tmp_path / "split"),
+        ],
+        capsys,
+    )
+    assert m["split"] == "test" and m["num_images"] == trained["num_images"]
+    assert m["num_identities"] == trained["num_identities"]
+    v = m["verification"]
+    assert v["auc"] == pytest.approx(trained["auc"], abs=1e-4)
+    assert v["accuracy"] == pytest.approx(trained["accuracy"], abs=0.011)  # <= 2 of 200 pairs
+    assert os.path.isfile(os.path.join(tmp_path, "split", "metrics.json"))
+    assert cli.main(["evaluate", "--workdir", workdir, "--split", "nope", "--json"]) == 2
+    assert "unknown split 'nope'" in capsys.readouterr().err
+
+
 def test_episodes(workdir, tree, capsys, tmp_path):
     out = run(
         [
