@@ -566,6 +566,11 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--workdir", required=True, help="a trained run directory")
     common.add_argument("--step", type=int, default=None, help="checkpoint step (default: last)")
+    common.add_argument(
+        "--untrained",
+        action="store_true",
+        help="use the run's network at initialisation (its untrained baseline) instead",
+    )
     common.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     common.add_argument("--flip", action="store_true", help="add the mirror image's embedding")
     common.add_argument(
@@ -662,6 +667,10 @@ def _print_human(result: dict, indent: str = "") -> None:
 def _load_embedder(args):
     from facenet_jax import inference  # Deferred: JAX starts only once the inputs are valid.
 
+    if args.untrained:
+        if args.step is not None:
+            raise ValueError("--untrained and --step exclude each other")
+        return inference.untrained_embedder(args.workdir)
     return inference.load_embedder(args.workdir, args.step)
 
 

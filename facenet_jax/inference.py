@@ -127,3 +127,18 @@ def load_embedder(workdir: str, step: int | None = None) -> Embedder:
     restored = manager.restore(step, args=ocp.args.StandardRestore(target))
     manager.close()
     return Embedder(config, restored["params"], restored["batch_stats"], int(step))
+
+
+def untrained_embedder(workdir: str) -> Embedder:
+    """The run's network at initialisation: same config and seed as its step 0, no training.
+
+    This is the untrained baseline that ``eval.json`` reports next to the trained network.
+    """
+    from facenet_jax import train  # Deferred: train imports the whole stack.
+
+    config = checkpoints.load_config(workdir)
+    d = config.data
+    state = train.create_train_state(
+        config, jax.random.key(config.seed), (d.image_size, d.image_size, d.channels)
+    )
+    return Embedder(config, state.params, state.batch_stats, 0)

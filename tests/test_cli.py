@@ -25,7 +25,6 @@ def workdir(tmp_path_factory):
 
     config = smoke.get_config()
     config.train.num_steps = 4
-    config.eval.baseline = False
     wd = str(tmp_path_factory.mktemp("run"))
     train.train_and_evaluate(config, wd)
     return wd
@@ -315,6 +314,17 @@ def test_evaluate_tree_with_groups(workdir, tree, capsys, tmp_path):
     assert {"group_accuracy.png", "group_far.png", "embeddings.png"} <= set(os.listdir(out_dir))
 
 
+def m_args(workdir, config):
+    """The CLI arguments that redo a run's final evaluation: same split, pairs, seed and folds."""
+    e = config["eval"]
+    return ["--workdir", workdir, "--split", "test", "--num-pairs", str(e["num_pairs"])] + [
+        "--folds",
+        str(e["num_folds"]),
+        "--seed",
+        str(config["seed"]),
+    ]
+
+
 def test_evaluate_split_reproduces_the_runs_own_evaluation(workdir, capsys, tmp_path):
     with open(os.path.join(workdir, "eval.json")) as f:
         trained = json.load(f)["trained"]
@@ -346,6 +356,12 @@ def test_evaluate_split_reproduces_the_runs_own_evaluation(workdir, capsys, tmp_
     assert v["auc"] == pytest.approx(trained["auc"], abs=1e-4)
     assert v["accuracy"] == pytest.approx(trained["accuracy"], abs=0.011)  # <= 2 of 200 pairs
     assert os.path.isfile(os.path.join(tmp_path, "split", "metrics.json"))
+    with open(os.path.join(workdir, "eval.json")) as f:
+        untrained = json.load(f)["untrained"]
+    base = run(["evaluate", *m_args(workdir, config), "--untrained"], capsys)
+    assert base["verification"]["auc"] == pytest.approx(untrained["auc"], abs=1e-4)
+    assert base["fingerprint"].startswith(f"{config['model']['name']}-step0-")
+    assert base["verification"]["auc"] != pytest.approx(v["auc"], abs=1e-4)  # not the same net
     assert cli.main(["evaluate", "--workdir", workdir, "--split", "nope", "--json"]) == 2
     assert "unknown split 'nope'" in capsys.readouterr().err
 
