@@ -305,7 +305,13 @@ def cmd_enroll(args, load) -> dict:
         overlap = set(names) & set(cal_set.identity_names)
         if overlap:
             log.warning("%d calibration identities are also enrolled: %s", len(overlap), overlap)
-        out["calibration"] = identification.calibrate_threshold(cal_emb, cal_set.labels, args.far)
+        if args.calibrate_for == "gallery":  # FPIR: strangers' nearest template, this gallery
+            gallery = identification.enrol(emb, names, embedder.fingerprint)
+            out["calibration"] = identification.calibrate_fpir(gallery, cal_emb, args.far)
+        else:  # per-comparison FAR over the calibration set's own impostor pairs
+            out["calibration"] = identification.calibrate_threshold(
+                cal_emb, cal_set.labels, args.far
+            )
         threshold, target_far = out["calibration"]["threshold"], args.far
     gallery = identification.enrol(emb, names, embedder.fingerprint, threshold, target_far)
     gallery.save(args.out)
@@ -615,6 +621,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="labelled folder of other identities: calibrate the threshold for --far",
     )
     p.add_argument("--far", type=float, default=1e-3, help="target false-accept rate")
+    p.add_argument(
+        "--calibrate-for",
+        choices=("comparison", "gallery"),
+        default="comparison",
+        help="comparison: --far per impostor comparison; gallery: --far of strangers accepted "
+        "by this gallery (FPIR: their nearest template within the threshold)",
+    )
     p = sub.add_parser("identify", parents=[common], help="identify images against a gallery")
     p.add_argument("images", nargs="+")
     p.add_argument("--gallery", required=True)

@@ -161,6 +161,16 @@ def test_enroll_identify_with_rejection(workdir, tree, capsys, tmp_path):
     g = identification.Gallery.load(gal)
     assert g.threshold == cal["threshold"] and g.target_far == 0.1
 
+    # Calibrated for this gallery (FPIR): the calibration people are strangers to it.
+    fpir = run(
+        ["enroll", str(gallery_dir), "--workdir", workdir, "--out", gal]
+        + ["--calibrate", str(calib), "--far", "0.25", "--calibrate-for", "gallery"],
+        capsys,
+    )
+    want = identification.calibrate_fpir(identification.Gallery.load(gal), ce, 0.25)
+    assert fpir["threshold"] == pytest.approx(want["threshold"], abs=1e-5)
+    assert fpir["calibration"]["fpir_reached"] <= 0.25
+
     # A gallery from another model is refused.
     identification.Gallery(g.embeddings, g.names, "other-model", 1.0).save(gal)
     assert cli.main(["identify", probes[0], "--workdir", workdir, "--gallery", gal]) == 2

@@ -184,3 +184,29 @@ def test_episodes_chance_and_perfect():
     )
     with pytest.raises(ValueError, match="need 31 classes"):
         ident.episodes(e, labels, way=31, shot=1)
+
+
+def test_calibrate_fpir_matches_nearest_template_brute_force():
+    e, labels = clusters(30, 3, noise=0.8, seed=11)
+    enrolled = labels < 20
+    gallery = ident.enrol(e[enrolled], labels[enrolled].astype(str))
+    strangers = e[~enrolled]
+    cal = ident.calibrate_fpir(gallery, strangers, 0.2)
+    nearest = [min(np.sum((unit(s) - t) ** 2) for t in gallery.embeddings) for s in strangers]
+    nearest = np.sort(nearest)
+    accepted = nearest <= cal["threshold"]
+    assert cal["fpir_reached"] == pytest.approx(accepted.mean()) and accepted.mean() <= 0.2
+    assert accepted.sum() == int(0.2 * len(strangers))  # the largest threshold within target
+    assert cal["num_strangers"] == len(strangers) == 30
+
+
+def test_fpir_calibration_holds_the_stranger_rate_where_per_comparison_far_does_not():
+    # 75 enrolled people, 1 shot each: a threshold for a 5% per-comparison FAR accepts almost
+    # every stranger (~1 - 0.95^75); calibrated for FPIR it accepts ~5% of held-out strangers.
+    e, labels = clusters(300, 4, noise=0.6, seed=3)
+    rep = ident.open_set_protocol(e, labels, target_far=0.05, shots=1)
+    assert rep["stranger_far"] > 0.5
+    fpir = rep["fpir_calibrated"]
+    assert fpir["calibration_fpir_reached"] <= 0.05
+    assert fpir["stranger_fpir"] < 0.1
+    assert fpir["threshold"] < rep["threshold"]
