@@ -11,8 +11,8 @@ images of different people) with ``d <= t``, and the threshold is the largest on
 ``FAR(t) <= target``. Against a gallery of K people a stranger is accepted when any template is
 that close, about ``1 - (1 - FAR)^K`` of strangers; ``calibrate_fpir`` instead sets the threshold
 for a target false-positive identification rate (FPIR) of this gallery, on the nearest-template
-distances of stranger images. The open-set report measures, on an evaluation set split into enrolled
-people and strangers: top-1 accuracy on enrolled people (closed set), the detection-and-
+distances of stranger images. The open-set report measures, on an evaluation set split into
+enrolled people and strangers: top-1 accuracy on enrolled people (closed set), the detection-and-
 identification rate (correct and accepted), and the rate at which strangers are accepted.
 
 N-way K-shot episodes (``episodes``) measure one-shot classification the standard way.
