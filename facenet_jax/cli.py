@@ -479,7 +479,8 @@ def _evaluate_embedded(args, embedder, emb: np.ndarray, images: ImageSet, name: 
     # With groups, impostor pairs stay within a group (the BFW protocol): a group's FAR then
     # measures confusions between its own members, not with easier, other-group faces.
     grouped = len(images.group_names) > 1
-    groups = images.groups if grouped else None
+    within = grouped and args.impostors == "group"
+    groups = images.groups if within else None
     i, j, issame = evaluation.sample_pairs(images.labels, args.num_pairs, args.seed, groups)
     dist = evaluation.pair_distances(emb, i, j)
     result: dict[str, Any] = {
@@ -526,7 +527,7 @@ def _evaluate_embedded(args, embedder, emb: np.ndarray, images: ImageSet, name: 
     result.update(
         plots=figs,
         root=images.root,
-        negative_pairs="within group" if grouped else "any identity",
+        negative_pairs="within group" if within else "any identity",
         num_images=len(images.files),
         num_identities=int(len(np.unique(images.labels))),
         flip=args.flip,
@@ -643,6 +644,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--folds", type=int, default=10, help="folds when the pairs define none")
     p.add_argument("--num-pairs", type=int, default=6000, help="tree mode: pairs to sample")
+    p.add_argument(
+        "--impostors",
+        choices=("group", "any"),
+        default="group",
+        help="tree/split mode with groups: impostor pairs within the probe's group (BFW "
+        "protocol) or from any identity (what training's own evaluation uses)",
+    )
     p.add_argument("--far", type=float, default=1e-3, help="tree mode: open-set target FAR")
     p.add_argument("--shot", type=int, default=1, help="tree mode: open-set images enrolled")
     p.add_argument(

@@ -322,6 +322,15 @@ def test_evaluate_tree_with_groups(workdir, tree, capsys, tmp_path):
     for p in m["plots"]:
         assert os.path.isfile(p)
     assert {"group_accuracy.png", "group_far.png", "embeddings.png"} <= set(os.listdir(out_dir))
+    # The same tree with impostors from any identity: other pairs, groups still reported.
+    anyone = run(
+        ["evaluate", "--workdir", workdir, "--root", str(tree / "grouped"), "--group-depth", "1"]
+        + ["--num-pairs", "300", "--impostors", "any", "--output-dir", out_dir + "_any"],
+        capsys,
+    )
+    assert anyone["negative_pairs"] == "any identity"
+    assert set(anyone["groups"]["groups"]) == {"group0", "group1"}
+    assert anyone["verification"]["auc"] != m["verification"]["auc"]
 
 
 def m_args(workdir, config):
