@@ -131,6 +131,15 @@ def _embed_padded(embedder, x: np.ndarray, batch_size: int) -> np.ndarray:
     return np.asarray(embedder.embed(x, max(batch_size, b)))[:n]
 
 
+def _embed_batch(embedder, x: np.ndarray, batch_size: int, flip: bool) -> np.ndarray:
+    """[n, d] float32 embeddings of a preprocessed batch; with ``flip``, of image + mirror."""
+    emb = _embed_padded(embedder, x, batch_size)
+    if flip:
+        mirror = _embed_padded(embedder, np.ascontiguousarray(x[:, :, ::-1]), batch_size)
+        emb = identification.l2_normalize(emb + mirror)
+    return np.asarray(emb, np.float32)
+
+
 def embed_files(
     embedder,
     root: str | None,
@@ -169,12 +178,7 @@ def embed_files(
         bar.update(min(batch_size, len(files) - start))
         if not images:
             continue
-        x = np.stack(images)
-        emb = _embed_padded(embedder, x, batch_size)
-        if flip:
-            mirror = _embed_padded(embedder, np.ascontiguousarray(x[:, :, ::-1]), batch_size)
-            emb = identification.l2_normalize(emb + mirror)
-        out.append(np.asarray(emb, np.float32))
+        out.append(_embed_batch(embedder, np.stack(images), batch_size, flip))
     bar.close()
     if (~ok).any():
         log.warning("skipped %d of %d files that could not be read", int((~ok).sum()), len(files))
@@ -300,20 +304,20 @@ def cmd_enroll(args, load) -> dict:
     emb, images = _embed_set(embedder, images, args)
     names = [images.identity_names[k] for k in images.labels]
     out: dict[str, Any] = {}
+    gallery = identification.enrol(emb, names, embedder.fingerprint, threshold, target_far)
     if cal_set is not None:
         cal_emb, cal_set = _embed_set(embedder, cal_set, args)
         overlap = set(names) & set(cal_set.identity_names)
         if overlap:
             log.warning("%d calibration identities are also enrolled: %s", len(overlap), overlap)
         if args.calibrate_for == "gallery":  # FPIR: strangers' nearest template, this gallery
-            gallery = identification.enrol(emb, names, embedder.fingerprint)
             out["calibration"] = identification.calibrate_fpir(gallery, cal_emb, args.far)
         else:  # per-comparison FAR over the calibration set's own impostor pairs
             out["calibration"] = identification.calibrate_threshold(
                 cal_emb, cal_set.labels, args.far
             )
         threshold, target_far = out["calibration"]["threshold"], args.far
-    gallery = identification.enrol(emb, names, embedder.fingerprint, threshold, target_far)
+        gallery.threshold, gallery.target_far = threshold, target_far
     gallery.save(args.out)
     out.update(
         gallery=args.out,
@@ -378,6 +382,8 @@ def cmd_evaluate(args, load) -> dict:
 def _evaluate_split(args, load) -> dict:
     """The folder protocol on a split of the run's own dataset (``config.data``, e.g. the unseen
     test identities); ``--root`` points the run's folder source elsewhere if the data moved."""
+    from tqdm.auto import tqdm
+
     from facenet_jax import input_pipeline
 
     embedder = load()
@@ -387,18 +393,12 @@ def _evaluate_split(args, load) -> dict:
     dataset = input_pipeline.create_dataset(config)
     info = dataset.split_info(args.split)  # Unknown split names fail here, naming the valid ones.
     embs, labels, groups = [], [], []
-    from tqdm.auto import tqdm
-
     total = info["num_images"]
     bar = tqdm(total=total, desc=f"embed {args.split}", disable=not args.progress, file=sys.stderr)
     for batch in dataset.eval_batches(args.split, args.batch_size):
         keep = batch["label"] != sampling.IGNORE_LABEL
         x = np.asarray(batch["image"], np.float32)
-        emb = _embed_padded(embedder, x, args.batch_size)
-        if args.flip:
-            mirror = _embed_padded(embedder, np.ascontiguousarray(x[:, :, ::-1]), args.batch_size)
-            emb = identification.l2_normalize(emb + mirror)
-        embs.append(np.asarray(emb, np.float32)[keep])
+        embs.append(_embed_batch(embedder, x, args.batch_size, args.flip)[keep])
         labels.append(batch["label"][keep])
         groups.append(batch["group"][keep])
         bar.update(int(keep.sum()))

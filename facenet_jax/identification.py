@@ -309,9 +309,12 @@ def split_open_set(
 
 
 def open_set_report(
-    gallery: Gallery, probes: np.ndarray, probe_names: Sequence[str]
+    gallery: Gallery,
+    probes: np.ndarray,
+    probe_names: Sequence[str],
+    threshold: float | None = None,
 ) -> dict[str, float]:
-    """Open-set identification at the gallery's threshold.
+    """Open-set identification at the gallery's threshold (or at ``threshold``).
 
     Args:
       probes: [M, D] embeddings; probe_names: [M] true names (strangers: names not enrolled).
@@ -322,7 +325,7 @@ def open_set_report(
       rejected), misidentification_rate (accepted under a wrong name), stranger_far (strangers
       accepted), threshold, target_far, and the counts.
     """
-    result = identify(gallery, probes)
+    result = identify(gallery, probes, threshold)
     truth = np.asarray(probe_names, dtype=str)
     known = np.isin(truth, np.asarray(gallery.names, dtype=str))
     correct = np.asarray(gallery.names, dtype=str)[result.nearest] == truth
@@ -334,7 +337,7 @@ def open_set_report(
         "false_reject_rate": mean(~acc[known]),
         "misidentification_rate": mean((acc & ~correct)[known]),
         "stranger_far": mean(acc[~known]),
-        "threshold": float(gallery.threshold),
+        "threshold": float(gallery.threshold if threshold is None else threshold),
         "target_far": float(gallery.target_far),
         "num_enrolled": float(len(gallery.names)),
         "num_known_probes": float(known.sum()),
@@ -382,8 +385,7 @@ def open_set_protocol(
     # Gallery-aware alternative: the calibration identities are strangers to this gallery; a
     # threshold for FPIR = target_far on them, measured on the held-out strangers and probes.
     fpir = calibrate_fpir(gallery, embeddings[in_calib], target_far)
-    gallery.threshold = fpir["threshold"]
-    at_fpir = open_set_report(gallery, embeddings[probes], names[probes])
+    at_fpir = open_set_report(gallery, embeddings[probes], names[probes], fpir["threshold"])
     report["fpir_calibrated"] = {
         "threshold": fpir["threshold"],
         "calibration_fpir_reached": fpir["fpir_reached"],
