@@ -21,7 +21,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from facenet_jax import input_pipeline, parallel, train
+from facenet_jax import parallel, train
+from facenet_jax.data import input_pipeline
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/bfw.py", "Configuration file.")

@@ -35,7 +35,8 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from facenet_jax import input_pipeline, parallel, train  # noqa: E402
+from facenet_jax import parallel, train  # noqa: E402
+from facenet_jax.data import input_pipeline  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/default.py", "Configuration file.")

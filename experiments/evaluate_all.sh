@@ -55,7 +55,8 @@ import sys
 import jax
 import numpy as np
 
-from facenet_jax import checkpoints, input_pipeline, train
+from facenet_jax import checkpoints, train
+from facenet_jax.data import input_pipeline
 
 bfw_run, omni_run, out = sys.argv[1:]
 config = checkpoints.load_config(bfw_run)

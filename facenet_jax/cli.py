@@ -33,7 +33,9 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from facenet_jax import evaluation, identification, pairs, plots, retrieval, sampling
+from facenet_jax import identification
+from facenet_jax.data import sampling
+from facenet_jax.evaluate import pairs, plots, retrieval, verification
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".bmp", ".gif", ".tif", ".tiff")
 log = logging.getLogger("facenet_jax.cli")
@@ -60,7 +62,7 @@ def list_images(root: str, group_depth: int = 0, flat_ok: bool = False) -> Image
     With ``flat_ok`` a folder of ``ROOT/<name>.<ext>`` files (one photo per person) is accepted
     when it has no identity sub-folders.
     """
-    from facenet_jax import folder_builder
+    from facenet_jax.data import folder_builder
 
     try:
         tree = folder_builder.scan_tree(root, group_depth)
@@ -100,7 +102,7 @@ def load_file(root: str | None, rel: str, data_config: Any) -> np.ndarray:
     ``rel`` lies under ``root``, a folder or a zip archive (None: ``rel`` is a path). Files go
     through ``preprocessing.load_image``; zip members through ``preprocess_image`` on their bytes.
     """
-    from facenet_jax import face_detection, folder_builder, preprocessing
+    from facenet_jax.data import face_detection, folder_builder, preprocessing
 
     if root is None or os.path.isdir(root):
         return preprocessing.load_image(
@@ -355,7 +357,7 @@ def cmd_identify(args, load) -> dict:
 
 
 def _verification_plots(out_dir: str, dist, issame, metrics: dict) -> list[str]:
-    far, tar, _ = evaluation.roc_curve(dist, issame)
+    far, tar, _ = verification.roc_curve(dist, issame)
     auc, threshold = metrics["auc"], metrics["threshold"]
     return [
         plots.plot_roc({f"AUC {auc:.4f}": (far, tar)}, os.path.join(out_dir, "roc.png")),
@@ -384,7 +386,7 @@ def _evaluate_split(args, load) -> dict:
     test identities); ``--root`` points the run's folder source elsewhere if the data moved."""
     from tqdm.auto import tqdm
 
-    from facenet_jax import input_pipeline
+    from facenet_jax.data import input_pipeline
 
     embedder = load()
     config = embedder.config.copy_and_resolve_references()
@@ -425,7 +427,7 @@ def _evaluate_pairs(args, load) -> dict:
         p = pairs.read_csv_pairs(args.csv, args.root)
     embedder = load()
     emb, _ = _embed(args, embedder, None, p.paths)
-    dist = evaluation.pair_distances(emb, p.i, p.j)
+    dist = verification.pair_distances(emb, p.i, p.j)
     result = pairs.protocol_metrics(dist, p.issame, p.fold, args.folds, args.seed)
     if args.head_train:
         scores = _head_scores(args, embedder, emb, p.i, p.j)
@@ -453,7 +455,7 @@ def _evaluate_pairs(args, load) -> dict:
 
 def _head_scores(args, embedder, emb: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     """Fits the similarity head on --head-train's identities; its scores (lower = same)."""
-    from facenet_jax import similarity_head
+    from facenet_jax.evaluate import similarity_head
 
     train_set = list_images(args.head_train, args.group_depth)
     train_emb, train_set = _embed_set(embedder, train_set, args)
@@ -481,10 +483,10 @@ def _evaluate_embedded(args, embedder, emb: np.ndarray, images: ImageSet, name: 
     grouped = len(images.group_names) > 1
     within = grouped and args.impostors == "group"
     groups = images.groups if within else None
-    i, j, issame = evaluation.sample_pairs(images.labels, args.num_pairs, args.seed, groups)
-    dist = evaluation.pair_distances(emb, i, j)
+    i, j, issame = verification.sample_pairs(images.labels, args.num_pairs, args.seed, groups)
+    dist = verification.pair_distances(emb, i, j)
     result: dict[str, Any] = {
-        "verification": evaluation.verification_metrics(dist, issame, args.folds, args.seed),
+        "verification": verification.verification_metrics(dist, issame, args.folds, args.seed),
         "retrieval": retrieval.retrieval_metrics(emb, images.labels),
         "open_set": identification.open_set_protocol(
             emb, images.labels, target_far=args.far, shots=args.shot, seed=args.seed
@@ -492,7 +494,7 @@ def _evaluate_embedded(args, embedder, emb: np.ndarray, images: ImageSet, name: 
     }
     if args.head_train:
         scores = _head_scores(args, embedder, emb, i, j)
-        result["similarity_head"] = evaluation.verification_metrics(
+        result["similarity_head"] = verification.verification_metrics(
             scores, issame, args.folds, args.seed
         )
     out_dir = _mkdir(_output_dir(args, f"evaluate-{name}"))
@@ -505,8 +507,8 @@ def _evaluate_embedded(args, embedder, emb: np.ndarray, images: ImageSet, name: 
         )
     )
     if grouped:
-        by_group = evaluation.group_metrics(
-            dist, issame, evaluation.pair_groups(images.groups, i, j), images.group_names
+        by_group = verification.group_metrics(
+            dist, issame, verification.pair_groups(images.groups, i, j), images.group_names
         )
         result["groups"] = by_group
         g = by_group["groups"]

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from facenet_jax import evaluation
-from facenet_jax.sampling import IGNORE_LABEL
+from facenet_jax.data.sampling import IGNORE_LABEL
+from facenet_jax.evaluate import verification
 
 UNKNOWN = "unknown"  # Name given to rejected probes.
 
@@ -171,7 +171,7 @@ def comparison_distances(
 
     Every unordered pair of distinct rows is used when there are at most ``max_comparisons``
     of them; otherwise ``max_comparisons`` pairs are drawn (half genuine, half impostor) with
-    ``evaluation.sample_pairs``.
+    ``verification.sample_pairs``.
 
     Returns:
       ``(genuine, impostor)``: 1-D float64 arrays of distances.
@@ -182,8 +182,8 @@ def comparison_distances(
     e, labels = e[keep], labels[keep]
     n = len(labels)
     if n * (n - 1) // 2 > max_comparisons:
-        i, j, same = evaluation.sample_pairs(labels, max_comparisons, seed)
-        d = evaluation.pair_distances(e, i, j)
+        i, j, same = verification.sample_pairs(labels, max_comparisons, seed)
+        d = verification.pair_distances(e, i, j)
         return d[same], d[~same]
     genuine, impostor = [], []
     sq = (e * e).sum(1)

@@ -80,7 +80,7 @@ class Embedder:
         With ``flip``, the embedding is that of the image plus its horizontal mirror,
         re-normalised (test-time augmentation).
         """
-        from facenet_jax import preprocessing
+        from facenet_jax.data import preprocessing
 
         iterator = range(0, len(paths), batch_size)
         if progress:

@@ -41,8 +41,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from facenet_jax.data.sampling import IGNORE_LABEL
 from facenet_jax.distances import pairwise_distances
-from facenet_jax.sampling import IGNORE_LABEL
 
 _CHUNK = 8  # Positive slots per anchor processed together; a PK batch with K <= 8 needs one pass.
 _ACTIVE_EPS = 1e-16  # batch_all counts a triplet as active when its hinge is > this.

@@ -32,17 +32,9 @@ from flax.training import train_state
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from facenet_jax import (
-    checkpoints,
-    evaluation,
-    input_pipeline,
-    losses,
-    metric_logging,
-    models,
-    parallel,
-    plots,
-    sampling,
-)
+from facenet_jax import checkpoints, losses, metric_logging, models, parallel
+from facenet_jax.data import input_pipeline, sampling
+from facenet_jax.evaluate import plots, verification
 
 AXIS = parallel.DATA_AXIS
 MINING_SCOPES = ("local", "global")
@@ -294,9 +286,11 @@ def evaluate(
     """
     e = config.eval
     emb, labels, _ = embed_split(state, dataset, e.split, e.batch_size, mesh, embed_fn)
-    i, j, issame = evaluation.sample_pairs(labels, e.num_pairs, seed=config.seed)
-    dist = evaluation.pair_distances(emb, i, j)
-    metrics = evaluation.verification_metrics(dist, issame, num_folds=e.num_folds, seed=config.seed)
+    i, j, issame = verification.sample_pairs(labels, e.num_pairs, seed=config.seed)
+    dist = verification.pair_distances(emb, i, j)
+    metrics = verification.verification_metrics(
+        dist, issame, num_folds=e.num_folds, seed=config.seed
+    )
     metrics["num_images"] = int(len(labels))
     metrics["num_identities"] = int(len(np.unique(labels)))
     return metrics, (dist, issame, emb, labels)
@@ -363,7 +357,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 baseline = json.load(f)
         else:  # The untrained network: same init as the run (same seed).
             baseline, (b_dist, b_same, _, _) = evaluate(state, dataset, config, mesh, embed_fn)
-            b_far, b_tar, _ = evaluation.roc_curve(b_dist, b_same)
+            b_far, b_tar, _ = verification.roc_curve(b_dist, b_same)
             baseline["roc"] = {"far": b_far.tolist(), "tar": b_tar.tolist()}
             if is_chief:
                 _write_json(baseline_path, baseline)
@@ -428,7 +422,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.write(final["step"], {f"eval/{k}": v for k, v in final.items() if k != "step"})
     writer.close()
     if is_chief:
-        far, tar, _ = evaluation.roc_curve(dist, issame)
+        far, tar, _ = verification.roc_curve(dist, issame)
         curves = {f"trained (AUC {final['auc']:.3f})": (far, tar)}
         if baseline is not None:
             curves[f"untrained (AUC {baseline['auc']:.3f})"] = (

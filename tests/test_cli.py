@@ -12,7 +12,9 @@ from PIL import Image
 from scipy.interpolate import interp1d
 from scipy.optimize import brentq
 
-from facenet_jax import cli, identification, inference, preprocessing, retrieval, train
+from facenet_jax import cli, identification, inference, train
+from facenet_jax.data import preprocessing
+from facenet_jax.evaluate import retrieval
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_IDS, PER_ID = 8, 6

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from facenet_jax import losses
+from facenet_jax.data.sampling import IGNORE_LABEL
 from facenet_jax.losses import (
     STRATEGIES,
     anchor_negative_mask,
@@ -23,7 +24,6 @@ from facenet_jax.losses import (
     triplet_mask,
     triplet_terms,
 )
-from facenet_jax.sampling import IGNORE_LABEL
 
 DETERMINISTIC = ["batch_all", "batch_hard", "semi_hard", "hardest"]
 KEY = jax.random.key(0)

@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from facenet_jax import checkpoints, input_pipeline, metric_logging, parallel, train
+from facenet_jax import checkpoints, metric_logging, parallel, train
+from facenet_jax.data import input_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES = 2

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from facenet_jax import input_pipeline, parallel, train
+from facenet_jax import parallel, train
+from facenet_jax.data import input_pipeline
 
 
 def _run_steps(config, devices, num_steps=2):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from facenet_jax import input_pipeline, sampling
+from facenet_jax.data import input_pipeline, sampling
 
 
 @pytest.fixture(scope="module")

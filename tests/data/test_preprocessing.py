@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facenet_jax import preprocessing
+from facenet_jax.data import preprocessing
 
 
 def _encode(image: np.ndarray, fmt: str, **kw) -> bytes:

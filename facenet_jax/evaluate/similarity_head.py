@@ -8,7 +8,7 @@ with phi the concatenation of any of ``|f1 - f2|`` ("absdiff"), ``f1 * f2`` ("pr
 ``(f1 - f2)^2`` ("sqdiff"), standardised. It is trained on same/different pairs from the training
 identities (scikit-learn ``LogisticRegression``) and evaluated by the same protocol as the raw
 distance: ``head_distances`` returns the negative log-odds, a score where lower means "same", so
-``evaluation.verification_metrics`` applies unchanged and the two can be compared directly.
+``verification.verification_metrics`` applies unchanged and the two can be compared directly.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from facenet_jax import evaluation
+from facenet_jax.evaluate import verification
 
 FEATURES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "absdiff": lambda a, b: np.abs(a - b),
@@ -63,7 +63,7 @@ def fit_similarity_head(
       embeddings: [M, D] training-identity embeddings; labels: [M] identities.
       c: inverse L2 regularisation strength of the logistic regression.
     """
-    i, j, issame = evaluation.sample_pairs(labels, num_pairs, seed)
+    i, j, issame = verification.sample_pairs(labels, num_pairs, seed)
     e = np.asarray(embeddings)
     x = pair_features(e[i], e[j], features)
     model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
@@ -88,10 +88,10 @@ def compare_with_distance(
     """``verification_metrics`` of the squared distance and of the head on the same pairs."""
     e = np.asarray(embeddings)
     return {
-        "distance": evaluation.verification_metrics(
-            evaluation.pair_distances(e, i, j), issame, num_folds, seed
+        "distance": verification.verification_metrics(
+            verification.pair_distances(e, i, j), issame, num_folds, seed
         ),
-        "head": evaluation.verification_metrics(
+        "head": verification.verification_metrics(
             head_distances(head, e[i], e[j]), issame, num_folds, seed
         ),
     }

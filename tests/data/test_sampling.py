@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from facenet_jax import sampling
+from facenet_jax.data import sampling
 
 
 def _identities(counts):

@@ -26,7 +26,7 @@ def plot_roc(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], path: str) -> 
     """ROC curves, TAR against FAR on a log axis, one line per name (e.g. untrained vs trained).
 
     Args:
-      curves: name -> (far [T], tar [T]) from ``evaluation.roc_curve``.
+      curves: name -> (far [T], tar [T]) from ``verification.roc_curve``.
       path: PNG to write.
     """
     fig = Figure(figsize=(5.5, 4.5))

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from facenet_jax import pairs
+from facenet_jax.evaluate import pairs
 
 NAMES = {"Ann_A": 3, "Bob_B": 2, "Cid_C": 2, "Dee_D": 1}
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from facenet_jax import evaluation, similarity_head
+from facenet_jax.evaluate import similarity_head, verification
 
 
 def anisotropic(num_ids, per_id, seed):
@@ -43,7 +43,7 @@ def test_head_beats_raw_distance_on_unseen_identities():
     train_e, train_l = anisotropic(60, 5, seed=2)
     test_e, test_l = anisotropic(40, 5, seed=3)  # disjoint identities (fresh centres)
     head = similarity_head.fit_similarity_head(train_e, train_l, num_pairs=4000, seed=0)
-    i, j, issame = evaluation.sample_pairs(test_l, 2000, seed=1)
+    i, j, issame = verification.sample_pairs(test_l, 2000, seed=1)
     out = similarity_head.compare_with_distance(head, test_e, i, j, issame)
     assert set(out["head"]) == set(out["distance"])
     assert out["head"]["auc"] > out["distance"]["auc"] + 0.05

@@ -13,7 +13,7 @@ accepted: whitespace of any kind, a one-number header (``pairsDevTrain.txt``: on
 header at all (folds are then inferred from the alternating same/different blocks).
 
 The protocol (``protocol_metrics``) reports the accuracy of each fold with the threshold tuned on
-the other folds (mean +- std), plus everything ``evaluation.verification_metrics`` gives.
+the other folds (mean +- std), plus everything ``verification.verification_metrics`` gives.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from facenet_jax import evaluation
+from facenet_jax.evaluate import verification
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # Tried in order when resolving LFW image paths.
 _TRUE = {"1", "true", "same", "yes", "match", "genuine"}
@@ -256,16 +256,16 @@ def protocol_metrics(
         on all the other folds. When None, a shuffled ``num_folds``-fold KFold (``seed``) is used.
 
     Returns:
-      ``evaluation.verification_metrics`` (its kfold_* entries computed on these folds) plus
+      ``verification.verification_metrics`` (its kfold_* entries computed on these folds) plus
       ``fold_accuracies`` and ``fold_thresholds`` (lists) and ``num_folds``.
     """
     d = np.asarray(distances, np.float64)
     if fold is not None:
-        splits = evaluation.fold_id_splits(fold)
+        splits = verification.fold_id_splits(fold)
     else:
-        splits = evaluation.kfold_splits(len(d), num_folds, seed)
-    out = evaluation.verification_metrics(d, issame, splits=splits)
-    accs, thresholds = evaluation.fold_accuracies(d, np.asarray(issame, bool), splits)
+        splits = verification.kfold_splits(len(d), num_folds, seed)
+    out = verification.verification_metrics(d, issame, splits=splits)
+    accs, thresholds = verification.fold_accuracies(d, np.asarray(issame, bool), splits)
     out.update(
         fold_accuracies=[float(a) for a in accs],
         fold_thresholds=[float(t) for t in thresholds],

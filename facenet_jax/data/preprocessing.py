@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from facenet_jax import face_detection
+from facenet_jax.data import face_detection
 
 # What Pillow raises on a corrupt, truncated or hostile file.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)

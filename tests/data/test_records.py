@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from configs import default
-from facenet_jax import face_detection, folder_builder, folder_dataset, preprocessing, sampling
+from facenet_jax.data import face_detection, folder_builder, preprocessing, records, sampling
 
 FORMATS = ("JPEG", "PNG", "PPM", "GIF", "BMP")  # PPM/PGM: Pillow's netpbm writer.
 SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "PPM": ".pgm", "GIF": ".gif", "BMP": ".bmp"}
@@ -114,7 +114,7 @@ def tree(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dataset(tree):
     root, _, _, data_dir = tree
-    return folder_dataset.create_dataset(folder_config(root, data_dir))
+    return records.create_dataset(folder_config(root, data_dir))
 
 
 # ------------------------------------------------------------------ preparation and bad files
@@ -221,7 +221,7 @@ def test_identity_names_include_the_group(tmp_path):
 
 
 def _reference_partition_ok(splits, n):
-    joined = np.concatenate([splits[s] for s in folder_dataset.SPLITS])
+    joined = np.concatenate([splits[s] for s in records.SPLITS])
     return sorted(joined.tolist()) == list(range(n))
 
 
@@ -232,9 +232,9 @@ def test_identity_split_is_disjoint_stratified_and_deterministic(seed):
     labels = np.repeat(np.arange(60), counts)
     groups = labels % 3
     kw = dict(by="identity", val_fraction=0.2, test_fraction=0.1, seed=seed, min_images=2)
-    splits = folder_dataset.split_indices(labels, groups, **kw)
+    splits = records.split_indices(labels, groups, **kw)
     assert _reference_partition_ok(splits, len(labels))
-    ids = {s: set(labels[splits[s]].tolist()) for s in folder_dataset.SPLITS}
+    ids = {s: set(labels[splits[s]].tolist()) for s in records.SPLITS}
     assert not ids["train"] & ids["val"] and not ids["train"] & ids["test"]
     assert not ids["val"] & ids["test"]
     small = set(np.flatnonzero(counts < 2).tolist())
@@ -243,15 +243,15 @@ def test_identity_split_is_disjoint_stratified_and_deterministic(seed):
         eligible = [i for i in range(60) if i % 3 == g and counts[i] >= 2]
         held = [i for i in eligible if i in ids["val"]]
         assert len(held) == int(np.floor(0.2 * len(eligible) + 0.5))
-    again = folder_dataset.split_indices(labels, groups, **kw)
-    for s in folder_dataset.SPLITS:
+    again = records.split_indices(labels, groups, **kw)
+    for s in records.SPLITS:
         np.testing.assert_array_equal(splits[s], again[s])
 
 
 def test_image_split_keeps_identities_and_two_training_images():
     counts = np.array([1, 2, 3, 10, 25])
     labels = np.repeat(np.arange(5), counts)
-    splits = folder_dataset.split_indices(
+    splits = records.split_indices(
         labels, by="image", val_fraction=0.2, test_fraction=0.2, seed=0, min_images=2
     )
     assert _reference_partition_ok(splits, len(labels))
@@ -266,14 +266,14 @@ def test_image_split_keeps_identities_and_two_training_images():
 
 def test_bad_split_fields_raise():
     with pytest.raises(ValueError, match="split_by"):
-        folder_dataset.split_indices(np.zeros(4), by="pixel")
+        records.split_indices(np.zeros(4), by="pixel")
     with pytest.raises(ValueError, match="val_fraction"):
-        folder_dataset.split_indices(np.zeros(4), val_fraction=0.6, test_fraction=0.5)
+        records.split_indices(np.zeros(4), val_fraction=0.6, test_fraction=0.5)
 
 
 def test_dataset_splits_and_distractors(dataset):
     train, test = dataset.split_info("train"), dataset.split_info("test")
-    total = sum(dataset.split_info(s)["num_images"] for s in folder_dataset.SPLITS)
+    total = sum(dataset.split_info(s)["num_images"] for s in records.SPLITS)
     assert total == len(dataset.labels)
     assert dataset.split_info("val")["group_names"] == ["g0", "g1"]
     distractor = dataset.identity_names.index("g1/id99")
@@ -313,7 +313,7 @@ def test_train_batches_match_the_sampler_and_the_file_decoder(tree):
 
     root, _, _, data_dir = tree
     config = folder_config(root, data_dir, augment=())
-    ds = folder_dataset.create_dataset(config)
+    ds = records.create_dataset(config)
     batch = _take(ds.train_batches(5), 1)[0]
     idx = sampling.pk_batch_indices(ds._by_identity, p=4, k=3, seed=config.seed, step=5)
     builder = folder_builder.prepare(root, group_depth=1, data_dir=data_dir)
@@ -351,15 +351,15 @@ def test_process_slices_reassemble_the_global_batch(dataset, process_count):
 
 def test_too_few_identities_fail_when_the_iterator_is_built(tree):
     root, _, _, data_dir = tree
-    ds = folder_dataset.create_dataset(folder_config(root, data_dir, identities_per_batch=50))
+    ds = records.create_dataset(folder_config(root, data_dir, identities_per_batch=50))
     with pytest.raises(ValueError, match="identities_per_batch"):
         ds.train_batches(0)
 
 
 def test_grain_worker_processes_give_the_same_batches(tree):
     root, _, _, data_dir = tree
-    ds0 = folder_dataset.create_dataset(folder_config(root, data_dir))
-    ds1 = folder_dataset.create_dataset(folder_config(root, data_dir, num_workers=1))
+    ds0 = records.create_dataset(folder_config(root, data_dir))
+    ds1 = records.create_dataset(folder_config(root, data_dir, num_workers=1))
     for a, b in zip(_take(ds0.train_batches(2), 3), _take(ds1.train_batches(2), 3), strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
@@ -370,7 +370,7 @@ def test_grain_worker_processes_give_the_same_batches(tree):
 
 @pytest.mark.parametrize("batch_size", [1, 4, 7, 100])
 def test_eval_visits_every_image_once_with_ignore_padding(dataset, batch_size):
-    for split in folder_dataset.SPLITS:
+    for split in records.SPLITS:
         idx = dataset.splits[split]
         batches = list(dataset.eval_batches(split, batch_size))
         assert len(batches) == -(-len(idx) // batch_size)
@@ -414,7 +414,7 @@ def test_detect_crop_counts_center_crop_fallbacks(tree, tmp_path, monkeypatch):
     assert 0 < expected_misses < len(good)
     config = folder_config(root, str(tmp_path), crop="detect", augment=())
     config.data.detector = "fake"
-    ds = folder_dataset.create_dataset(config)
+    ds = records.create_dataset(config)
     assert ds.split_info("test")["crop_fallbacks"] == expected_misses
     batch = next(iter(ds.eval_batches("train", 64)))
     assert batch["image"].shape[1:] == (16, 16, 3)
@@ -468,7 +468,7 @@ def test_catalog_dataset(tmp_path, text_labels):
     config.data.source = "tfds"
     config.data.tfds_name = name
     config.data.tfds_group_key = "alphabet"
-    ds = folder_dataset.create_catalog_dataset(config)
+    ds = records.create_catalog_dataset(config)
     assert len(ds.labels) == 48 and len(set(ds.labels.tolist())) == 6
     assert ds.group_names == ["0", "1"]
     if text_labels:
@@ -484,16 +484,16 @@ def test_catalog_errors_are_clear(tmp_path):
     config = folder_config("", str(tmp_path))
     config.data.source = "tfds"
     with pytest.raises(ValueError, match="tfds_name is empty"):
-        folder_dataset.create_catalog_dataset(config)
+        records.create_catalog_dataset(config)
     config.data.tfds_name = "no_such_dataset_anywhere"
     with pytest.raises(ValueError, match="no_such_dataset_anywhere"):
-        folder_dataset.create_catalog_dataset(config)
+        records.create_catalog_dataset(config)
     config.data.tfds_name = "mnist"  # In the catalog, but not prepared in this data_dir.
     with pytest.raises(FileNotFoundError, match="tfds build mnist"):
-        folder_dataset.create_catalog_dataset(config)
+        records.create_catalog_dataset(config)
     config.data.crop = "detect"
     with pytest.raises(ValueError, match="crop='detect'"):
-        folder_dataset.create_catalog_dataset(config)
+        records.create_catalog_dataset(config)
 
 
 @pytest.mark.parametrize("process_index", [0, 1])
@@ -510,6 +510,6 @@ def test_prepare_once_prepares_on_process_0_before_the_others(monkeypatch, proce
         events.append("prepare")
         return "builder"
 
-    assert folder_dataset.prepare_once(prepare) == "builder"
+    assert records.prepare_once(prepare) == "builder"
     # Process 0 prepares, then waits; the others wait for it, then (find it prepared and) read.
     assert events == (["prepare", "sync"] if process_index == 0 else ["sync", "prepare"])

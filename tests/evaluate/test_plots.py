@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from facenet_jax import evaluation, plots
+from facenet_jax.evaluate import plots, verification
 
 
 def _check_png(path):
@@ -18,8 +18,8 @@ def test_all_plots(tmp_path):
     rng = np.random.default_rng(0)
     y = rng.random(300) < 0.5
     d = np.where(y, rng.normal(0.7, 0.2, 300), rng.normal(1.4, 0.3, 300))
-    far, tar, _ = evaluation.roc_curve(d, y)
-    far0, tar0, _ = evaluation.roc_curve(rng.random(300), y)
+    far, tar, _ = verification.roc_curve(d, y)
+    far0, tar0, _ = verification.roc_curve(rng.random(300), y)
     paths = [
         plots.plot_roc({"untrained": (far0, tar0), "trained": (far, tar)}, str(tmp_path / "r.png")),
         plots.plot_distance_histograms(d, y, 1.0, str(tmp_path / "sub" / "h.png")),

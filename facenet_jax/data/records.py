@@ -26,7 +26,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from facenet_jax import folder_builder, preprocessing, sampling
+from facenet_jax.data import folder_builder, preprocessing, sampling
 
 Batch = dict[str, np.ndarray]
 SPLITS = ("train", "val", "test")
@@ -389,7 +389,7 @@ def prepare_once(prepare: Callable[[], Any]) -> Any:
         return prepare()
 
     result = prepare() if jax.process_index() == 0 else None
-    multihost_utils.sync_global_devices("facenet_jax.folder_dataset.prepare")
+    multihost_utils.sync_global_devices("facenet_jax.data.records.prepare")
     return prepare() if result is None else result
 
 

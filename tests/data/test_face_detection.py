@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from facenet_jax import face_detection
+from facenet_jax.data import face_detection
 
 ORL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "orl")
 

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import ml_collections
 import numpy as np
 
-from facenet_jax import preprocessing, sampling
+from facenet_jax.data import preprocessing, sampling
 
 Batch = dict[str, np.ndarray]
 
@@ -253,15 +253,15 @@ def create_digit_pairs_dataset(config: ml_collections.ConfigDict) -> InMemoryDat
 
 
 def _create_folder_dataset(config: ml_collections.ConfigDict) -> FaceDataset:
-    from facenet_jax import folder_dataset
+    from facenet_jax.data import records
 
-    return folder_dataset.create_dataset(config)
+    return records.create_dataset(config)
 
 
 def _create_tfds_dataset(config: ml_collections.ConfigDict) -> FaceDataset:
-    from facenet_jax import folder_dataset
+    from facenet_jax.data import records
 
-    return folder_dataset.create_catalog_dataset(config)
+    return records.create_catalog_dataset(config)
 
 
 SOURCES: dict[str, Callable[[ml_collections.ConfigDict], FaceDataset]] = {

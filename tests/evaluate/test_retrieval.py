@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from facenet_jax import retrieval
-from facenet_jax.sampling import IGNORE_LABEL
+from facenet_jax.data.sampling import IGNORE_LABEL
+from facenet_jax.evaluate import retrieval
 
 
 def slow_metrics(e, labels, ks):

@@ -185,7 +185,7 @@ def inspect_image(data: bytes, detector: str = "") -> dict[str, Any]:
     face box as fractions (y0, x0, y1, x1) of the image, all -1 when no detector ran or no face was
     found. Raises ValueError describing why the bytes are not a usable image.
     """
-    from facenet_jax import face_detection, preprocessing
+    from facenet_jax.data import face_detection, preprocessing
 
     stored, image = preprocessing.canonical_encoding(data)
     box = np.full(4, -1.0, np.float32)

@@ -1,0 +1,1 @@
+"""Data: datasets, identity splits, record reading, preprocessing, sampling, face detection."""

@@ -1,0 +1,1 @@
+"""Evaluation protocols: verification, retrieval, pairs files, open set, episodes, reports."""
