@@ -4,11 +4,22 @@
   batch-hard, semi-hard, hardest, random), exact and O(B^2) memory, over a block of anchors so a
   device can mine its own anchors against the all-gathered global batch. ``losses/tiles.py`` holds
   the anchor-block and tiled column-reduction machinery under it.
+* ``margin`` (``losses/margin.py``): softmax, NormFace, CosFace and ArcFace cross entropy over the
+  training identities with a class-weight matrix [C, d], as additive terms over a block of rows.
 
 ``from facenet_jax import losses; losses.triplet_loss(...)`` and
 ``from facenet_jax.losses import triplet_terms`` both work: this module re-exports the public API.
 """
 
+from facenet_jax.losses.margin import (
+    MARGIN_KINDS,
+    MarginTerms,
+    init_class_weights,
+    margin_softmax_loss,
+    margin_softmax_terms,
+    margin_terms_to_loss,
+    normalize_class_weights,
+)
 from facenet_jax.losses.triplet import (
     STRATEGIES,
     TripletTerms,
@@ -24,6 +35,13 @@ from facenet_jax.losses.triplet import (
 )
 
 __all__ = [
+    "MARGIN_KINDS",
+    "MarginTerms",
+    "init_class_weights",
+    "margin_softmax_loss",
+    "margin_softmax_terms",
+    "margin_terms_to_loss",
+    "normalize_class_weights",
     "STRATEGIES",
     "TripletTerms",
     "anchor_negative_mask",
