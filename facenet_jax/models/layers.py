@@ -30,3 +30,17 @@ def batch_norm(train: bool, dtype: Any, axis_name: str | None) -> Callable[..., 
         dtype=dtype,
         axis_name=axis_name if train else None,
     )
+
+
+class PReLU(nn.Module):
+    """Parametric ReLU with one learnt slope per channel (He et al. 2015): ``max(x, 0) + a_c
+    min(x, 0)``, ``a`` [C] float32 initialised to 0.25, applied in ``dtype``. (``nn.PReLU`` learns
+    a single slope; the face backbones, as their papers, learn one per channel.)"""
+
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        init = nn.initializers.constant(0.25)
+        slope = self.param("negative_slope", init, (x.shape[-1],), jnp.float32)
+        return jnp.where(x >= 0, x, slope.astype(self.dtype) * x)
