@@ -1,8 +1,9 @@
 """Image preprocessing: decoding, cropping, scaling and training-time augmentation.
 
-NumPy and Pillow only; runs in the input workers. Images reaching the model are float32
-[H, W, C] in [-1, 1]. Every path (training, evaluation, ``load_image`` for new photos) goes through
-``preprocess_image``, so a face is seen the same way at training and at inference:
+NumPy, Pillow and OpenCV; runs in the input workers. Images reaching the model are float32
+[H, W, C] in [-1, 1]. Every function takes the run's ``DataSpec`` (``spec.py``). Every path
+(training and evaluation records, ``load_image`` / ``load_image_bytes`` for new photos) goes
+through ``preprocess_image``, so a face is seen the same way at training and at inference:
 
   bytes -> decode (JPEG at a reduced DCT scale when the crop is much larger than the input)
         -> grey ("L", ITU-R 601 luma) or RGB per ``channels``
@@ -17,30 +18,18 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
 
 from facenet_jax.data import face_detection
+from facenet_jax.data.spec import DataSpec, as_spec
 
 # What Pillow raises on a corrupt, truncated or hostile file.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
-AUGMENTATIONS = ("random_crop", "flip", "color")
-CROPS = ("none", "center", "detect")
-
-
-def check_augmentations(names) -> tuple[str, ...]:
-    """Validates ``config.data.augment``; raises ValueError naming the field and allowed values."""
-    names = tuple(names)
-    bad = [n for n in names if n not in AUGMENTATIONS]
-    if bad:
-        raise ValueError(
-            f"config.data.augment: unknown augmentation(s) {bad}; allowed: {list(AUGMENTATIONS)}"
-        )
-    return names
+Box = tuple[float, float, float, float]  # (y0, x0, y1, x1)
 
 
 def to_unit_range(images: np.ndarray, max_value: float) -> np.ndarray:
@@ -50,17 +39,27 @@ def to_unit_range(images: np.ndarray, max_value: float) -> np.ndarray:
 
 def augment_batch(
     images: np.ndarray,
-    rng: np.random.Generator,
+    rngs: Sequence[np.random.Generator],
     augment: tuple[str, ...],
     *,
     crop_padding: int = 2,
 ) -> np.ndarray:
     """Applies the selected augmentations independently to every image of a batch.
 
+    Image i draws its random parameters from ``rngs[i]`` alone, in this order: random_crop's
+    shifts dy, dx ~ U{0..2 * crop_padding}, flip ~ Bernoulli(0.5), color's contrast ~ U(0.7, 1.3)
+    then brightness ~ U(-0.2, 0.2) (each only when enabled). An image's augmentation therefore
+    depends on its own generator, not on the batch or process it is loaded in; the reader seeds
+    row r of step s with (seed, s, r).
+
+    * random_crop: edge-pad by ``crop_padding`` pixels, cut the [H, W] window at (dy, dx);
+    * flip: mirror left-right;
+    * color: ``clip((x - mean(x)) * contrast + mean(x) + brightness, -1, 1)``, per-image mean.
+
     Args:
       images: [B, H, W, C] float32 in [-1, 1].
-      rng: generator seeded from (seed, step), so augmentation is reproducible on resume.
-      augment: subset of AUGMENTATIONS.
+      rngs: B generators, one per image.
+      augment: subset of ``spec.AUGMENTATIONS``.
       crop_padding: random_crop pads each side by this many pixels (edge values) and crops back.
 
     Returns:
@@ -68,36 +67,30 @@ def augment_batch(
     """
     out = np.array(images, dtype=np.float32, copy=True)
     b, h, w, _ = out.shape
-    if "random_crop" in augment and crop_padding > 0:
+    if len(rngs) != b:
+        raise ValueError(f"augment_batch: {len(rngs)} generators for {b} images")
+    crop = "random_crop" in augment and crop_padding > 0
+    shift, flip = np.zeros((b, 2), np.int64), np.zeros(b, bool)
+    scale = np.ones((b, 2), np.float32)  # (contrast, brightness) per image
+    for i, rng in enumerate(rngs):
+        if crop:
+            shift[i] = rng.integers(0, 2 * crop_padding + 1), rng.integers(0, 2 * crop_padding + 1)
+        if "flip" in augment:
+            flip[i] = rng.random() < 0.5
+        if "color" in augment:
+            scale[i] = rng.uniform(0.7, 1.3), rng.uniform(-0.2, 0.2)
+    if crop:
         pad = crop_padding
         padded = np.pad(out, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
-        dy = rng.integers(0, 2 * pad + 1, size=b)
-        dx = rng.integers(0, 2 * pad + 1, size=b)
-        for i in range(b):
-            out[i] = padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
-    if "flip" in augment:
-        flip = rng.random(b) < 0.5
+        for i, (dy, dx) in enumerate(shift):
+            out[i] = padded[i, dy : dy + h, dx : dx + w]
+    if flip.any():
         out[flip] = out[flip, :, ::-1]
     if "color" in augment:
-        # Brightness and contrast jitter around the per-image mean.
-        contrast = rng.uniform(0.7, 1.3, size=(b, 1, 1, 1)).astype(np.float32)
-        brightness = rng.uniform(-0.2, 0.2, size=(b, 1, 1, 1)).astype(np.float32)
+        contrast, brightness = scale[:, 0, None, None, None], scale[:, 1, None, None, None]
         mean = out.mean(axis=(1, 2, 3), keepdims=True)
         out = np.clip((out - mean) * contrast + mean + brightness, -1.0, 1.0)
     return out
-
-
-def check_crop(name: str) -> str:
-    """Validates ``config.data.crop``; raises ValueError naming the field and allowed values."""
-    if name not in CROPS:
-        raise ValueError(f"config.data.crop: unknown crop {name!r}; allowed: {list(CROPS)}")
-    return name
-
-
-def _get(data_config: Mapping[str, Any] | Any, field: str, default: Any) -> Any:
-    """``data_config.field`` for a ConfigDict or dict, ``default`` when the field is absent."""
-    getter = getattr(data_config, "get", None)
-    return getter(field, default) if getter is not None else getattr(data_config, field, default)
 
 
 def to_mode(image: Image.Image, channels: int) -> Image.Image:
@@ -184,24 +177,26 @@ def decode(data: bytes, channels: int, reduce: int = 1) -> np.ndarray:
 
 
 def crop_box(
-    height: int, width: int, data_config: Any, face_box: Any = None
-) -> tuple[tuple[float, float, float, float], bool]:
-    """The crop of a ``height x width`` image per ``config.data.crop``: (y0, x0, y1, x1) pixels.
+    height: int, width: int, spec: DataSpec, face_box: Sequence[float] | None = None
+) -> tuple[Box, bool]:
+    """The crop of a ``height x width`` image per ``spec.crop``: (y0, x0, y1, x1) pixels.
 
+    none = the whole image; center = the central square of side
+    ``center_crop_fraction * min(H, W)``; detect = the square of side
+    ``max(h, w) * (1 + detect_margin)`` around the face box, the center crop when there is none.
     ``face_box`` is the detector's box as fractions of the image (see
     ``face_detection.detect_relative``), or None / negative entries when no face was found. Returns
     ``(box, fallback)`` where ``fallback`` is True when crop=detect fell back to the center crop.
     """
-    crop = check_crop(_get(data_config, "crop", "none"))
-    fraction = float(_get(data_config, "center_crop_fraction", 1.0))
-    if crop == "none":
+    spec = as_spec(spec)
+    if spec.crop == "none":
         return (0.0, 0.0, float(height), float(width)), False
-    if crop == "detect" and face_box is not None and min(face_box) >= 0:
+    if spec.crop == "detect" and face_box is not None and min(face_box) >= 0:
         y0, x0, y1, x1 = (float(v) for v in face_box)
         box = (y0 * height, x0 * width, y1 * height, x1 * width)
-        margin = float(_get(data_config, "detect_margin", 0.2))
-        return face_detection.face_crop_box(box, height, width, margin), False
-    return face_detection.center_crop_box(height, width, fraction), crop == "detect"
+        return face_detection.face_crop_box(box, height, width, spec.detect_margin), False
+    center = face_detection.center_crop_box(height, width, spec.center_crop_fraction)
+    return center, spec.crop == "detect"
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
@@ -215,7 +210,9 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     return height, width
 
 
-def preprocess_image(data: bytes, data_config: Any, face_box: Any = None) -> np.ndarray:
+def preprocess_image(
+    data: bytes, spec: DataSpec, face_box: Sequence[float] | None = None
+) -> np.ndarray:
     """Decodes, crops and resizes one encoded image (no augmentation).
 
     The crop box (see ``crop_box``) is cut from the decoded image, rounded to whole pixels, and
@@ -224,8 +221,8 @@ def preprocess_image(data: bytes, data_config: Any, face_box: Any = None) -> np.
 
     Args:
       data: encoded image bytes (JPEG or PNG; other formats go through Pillow).
-      data_config: ``config.data`` (channels, image_size, crop, center_crop_fraction,
-        detect_margin).
+      spec: the run's data spec (channels, image_size, crop, center_crop_fraction,
+        detect_margin); ``config.data`` is converted.
       face_box: crop=detect only: [4] face box as fractions of the image, None or -1 if no face.
 
     Returns:
@@ -233,18 +230,18 @@ def preprocess_image(data: bytes, data_config: Any, face_box: Any = None) -> np.
     """
     import cv2
 
-    size = int(_get(data_config, "image_size", 32))
-    channels = int(_get(data_config, "channels", 3))
+    spec = as_spec(spec)
+    size, channels = spec.image_size, spec.channels
     reduce = 1
     hw = _jpeg_size(data)
     if hw is not None:
-        (y0, x0, y1, x1), _ = crop_box(hw[0], hw[1], data_config, face_box)
+        (y0, x0, y1, x1), _ = crop_box(hw[0], hw[1], spec, face_box)
         side = min(y1 - y0, x1 - x0)
         while reduce < 8 and side / (2 * reduce) >= size:
             reduce *= 2
     arr = decode(data, channels, reduce)
     height, width = arr.shape[:2]
-    (y0, x0, y1, x1), _ = crop_box(height, width, data_config, face_box)
+    (y0, x0, y1, x1), _ = crop_box(height, width, spec, face_box)
     top, left = int(round(y0)), int(round(x0))
     bottom, right = max(top + 1, int(round(y1))), max(left + 1, int(round(x1)))
     crop = arr[top:bottom, left:right]
@@ -257,30 +254,50 @@ def preprocess_image(data: bytes, data_config: Any, face_box: Any = None) -> np.
     return to_unit_range(out.reshape(size, size, channels), 255.0)
 
 
-def load_image(path: str, data_config: Any) -> np.ndarray:
-    """Loads an image file exactly as training and evaluation see it (no augmentation).
+def canonical_face(data: bytes, detector: str = "") -> tuple[bytes, Box | None]:
+    """What preparation stores for encoded bytes: ``canonical_encoding`` plus the face box.
 
-    The file goes through the same ``canonical_encoding`` as folder preparation and the same
-    ``preprocess_image`` as training. With crop=detect the detector (``config.data.detector``)
-    runs here; when it finds no face the center crop is used and a warning names the file.
+    Returns ``(stored bytes, face box)``: the box as fractions of the image from ``detector``
+    (``face_detection.DETECTORS``, run on the decoded L or RGB image), None when ``detector`` is
+    "" or finds no face. Raises ValueError when the bytes are not a usable image.
+    """
+    stored, image = canonical_encoding(data)
+    if not detector:
+        return stored, None
+    return stored, face_detection.detect_relative(np.asarray(image), detector)
+
+
+def load_image_bytes(data: bytes, spec: DataSpec, name: str = "<bytes>") -> np.ndarray:
+    """The encoded bytes of a new photo as training saw its records (no augmentation).
+
+    The bytes go through the same ``canonical_face`` as folder preparation (so with crop=detect
+    the detector ``spec.detector`` runs here, a warning naming ``name`` when it finds no face and
+    the center crop is used) and the same ``preprocess_image`` as training.
 
     Returns:
-      [image_size, image_size, channels] float32 in [-1, 1].
+      [image_size, image_size, channels] float32 in [-1, 1]. Raises ValueError naming ``name``
+      when the bytes are not a decodable image.
     """
-    crop = check_crop(_get(data_config, "crop", "none"))
+    spec = as_spec(spec)
+    try:
+        stored, face_box = canonical_face(data, spec.detector if spec.crop == "detect" else "")
+    except ValueError as e:
+        raise ValueError(f"image file {name}: {e}") from e
+    if spec.crop == "detect" and face_box is None:
+        logging.warning("crop=detect: no face found in %s; using the center crop", name)
+    return preprocess_image(stored, spec, face_box)
+
+
+def load_image(path: str, spec: DataSpec) -> np.ndarray:
+    """Loads an image file exactly as training and evaluation see it (``load_image_bytes``).
+
+    Returns:
+      [image_size, image_size, channels] float32 in [-1, 1]. Raises OSError (unreadable) or
+      ValueError (not a decodable image) naming the file.
+    """
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
         raise OSError(f"cannot read image file {path}: {e}") from e
-    try:
-        data, image = canonical_encoding(data)
-    except ValueError as e:
-        raise ValueError(f"image file {path}: {e}") from e
-    face_box = None
-    if crop == "detect":
-        detector = _get(data_config, "detector", "mtcnn")
-        face_box = face_detection.detect_relative(np.asarray(image), detector)
-        if face_box is None:
-            logging.warning("crop=detect: no face found in %s; using the center crop", path)
-    return preprocess_image(data, data_config, face_box)
+    return load_image_bytes(data, spec, path)

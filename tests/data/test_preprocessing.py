@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from facenet_jax.data import preprocessing
+from configs import default
+from facenet_jax.data import face_detection, preprocessing
+from facenet_jax.data.spec import DataSpec
 
 
 def _encode(image: np.ndarray, fmt: str, **kw) -> bytes:
@@ -17,10 +20,11 @@ def _encode(image: np.ndarray, fmt: str, **kw) -> bytes:
     return buf.getvalue()
 
 
-def _cfg(**kw):
+def _cfg(**kw) -> DataSpec:
+    """The default spec at 8x8 RGB, uncropped, with ``kw`` overridden."""
+    spec = DataSpec.from_config(default.get_config().data)
     base = dict(image_size=8, channels=3, crop="none", center_crop_fraction=1.0)
-    base.update(kw)
-    return base
+    return dataclasses.replace(spec, **{**base, **kw})
 
 
 @pytest.fixture
@@ -145,6 +149,43 @@ def test_load_image_matches_the_training_path(tmp_path, rgb):
     )
 
 
+def test_load_image_accepts_config_data_as_well_as_the_spec(tmp_path, rgb):
+    path = tmp_path / "face.png"
+    path.write_bytes(_encode(rgb, "PNG"))
+    data = default.get_config().data
+    data.channels = 3
+    spec = DataSpec.from_config(data)
+    np.testing.assert_array_equal(
+        preprocessing.load_image(str(path), data), preprocessing.load_image(str(path), spec)
+    )
+
+
+def test_load_image_bytes_detects_on_the_decoded_image_as_preparation_does(monkeypatch):
+    """Grey bytes: the detector sees the canonical (grey, repeated to RGB) image, then the crop."""
+    seen = []
+
+    def fake():
+        def detect(image):
+            seen.append(image.copy())
+            return (2.0, 2.0, 10.0, 10.0)
+
+        return detect
+
+    monkeypatch.setitem(face_detection.DETECTORS, "fake", fake)
+    face_detection.get_detector.cache_clear()
+    grey = np.random.default_rng(0).integers(0, 256, (16, 20), dtype=np.uint8)
+    data = _encode(grey, "BMP")
+    spec = _cfg(crop="detect", detector="fake", detect_margin=0.0, channels=1)
+    out = preprocessing.load_image_bytes(data, spec, "x.bmp")
+    stored, box = preprocessing.canonical_face(data, "fake")
+    np.testing.assert_array_equal(out, preprocessing.preprocess_image(stored, spec, box))
+    np.testing.assert_array_equal(seen[0], np.repeat(grey[..., None], 3, axis=-1))
+    np.testing.assert_allclose(box, (2 / 16, 2 / 20, 10 / 16, 10 / 20))
+    with pytest.raises(ValueError, match="x.bmp"):
+        preprocessing.load_image_bytes(b"junk", spec, "x.bmp")
+    face_detection.get_detector.cache_clear()
+
+
 def test_load_image_errors_name_the_file(tmp_path):
     with pytest.raises(OSError, match="nope.jpg"):
         preprocessing.load_image(str(tmp_path / "nope.jpg"), _cfg())
@@ -164,6 +205,10 @@ def test_crop_box_detect_and_fallback():
     assert preprocessing.crop_box(100, 200, cfg, None)[1]
     with pytest.raises(ValueError, match="config.data.crop"):
         preprocessing.crop_box(10, 10, _cfg(crop="face"))
+    assert preprocessing.crop_box(100, 200, _cfg(crop="none"), (0.1, 0.1, 0.5, 0.3)) == (
+        (0.0, 0.0, 100.0, 200.0),
+        False,
+    )
 
 
 def test_bad_channels_raise(rgb):
@@ -174,32 +219,63 @@ def test_bad_channels_raise(rgb):
 # -------------------------------------------------------------------------- augmentation
 
 
+def _rngs(seed: int, n: int) -> list[np.random.Generator]:
+    return [np.random.default_rng([seed, i]) for i in range(n)]
+
+
 def test_augment_batch_is_reproducible_and_in_range():
     x = np.random.default_rng(0).uniform(-1, 1, (4, 8, 8, 3)).astype(np.float32)
     aug = ("random_crop", "flip", "color")
-    a = preprocessing.augment_batch(x, np.random.default_rng(5), aug)
-    b = preprocessing.augment_batch(x, np.random.default_rng(5), aug)
+    a = preprocessing.augment_batch(x, _rngs(5, 4), aug)
+    b = preprocessing.augment_batch(x, _rngs(5, 4), aug)
     np.testing.assert_array_equal(a, b)
     assert a.shape == x.shape and a.dtype == np.float32
     assert a.min() >= -1 and a.max() <= 1
+    with pytest.raises(ValueError, match="3 generators for 4 images"):
+        preprocessing.augment_batch(x, _rngs(5, 3), aug)
+
+
+def _augment_one(image, rng, augment, pad):
+    """Slow obvious reference for one [H, W, C] image, draws in the documented order."""
+    out = image.copy()
+    h, w = image.shape[:2]
+    if "random_crop" in augment and pad > 0:
+        dy, dx = rng.integers(0, 2 * pad + 1), rng.integers(0, 2 * pad + 1)
+        out = np.pad(out, ((pad, pad), (pad, pad), (0, 0)), mode="edge")[dy : dy + h, dx : dx + w]
+    if "flip" in augment and rng.random() < 0.5:
+        out = out[:, ::-1]
+    if "color" in augment:
+        contrast, brightness = np.float32(rng.uniform(0.7, 1.3)), np.float32(rng.uniform(-0.2, 0.2))
+        mean = out.mean(keepdims=True)
+        out = np.clip((out - mean) * contrast + mean + brightness, -1.0, 1.0)
+    return out
+
+
+@pytest.mark.parametrize(
+    "augment", [("random_crop",), ("flip",), ("color",), ("random_crop", "flip", "color")]
+)
+def test_each_image_is_augmented_by_its_own_generator_alone(augment):
+    """The batch equals the per-image reference, and does not depend on the other images."""
+    x = np.random.default_rng(0).uniform(-1, 1, (6, 7, 5, 3)).astype(np.float32)
+    out = preprocessing.augment_batch(x, _rngs(2, 6), augment, crop_padding=2)
+    for i, rng in enumerate(_rngs(2, 6)):
+        np.testing.assert_allclose(out[i], _augment_one(x[i], rng, augment, 2), atol=1e-6)
+    alone = preprocessing.augment_batch(x[3:4], _rngs(2, 6)[3:4], augment, crop_padding=2)
+    np.testing.assert_array_equal(alone[0], out[3])
 
 
 def test_flip_only_mirrors_or_keeps_each_image():
     x = np.random.default_rng(0).uniform(-1, 1, (16, 5, 7, 1)).astype(np.float32)
-    out = preprocessing.augment_batch(x, np.random.default_rng(1), ("flip",))
+    out = preprocessing.augment_batch(x, _rngs(1, 16), ("flip",))
     for o, i in zip(out, x, strict=True):
         assert np.array_equal(o, i) or np.array_equal(o, i[:, ::-1])
+    assert not np.array_equal(out, x) and not np.array_equal(out, x[:, :, ::-1])
 
 
 def test_random_crop_is_a_shift_of_the_padded_image():
     x = np.random.default_rng(0).uniform(-1, 1, (8, 6, 6, 1)).astype(np.float32)
-    out = preprocessing.augment_batch(x, np.random.default_rng(2), ("random_crop",), crop_padding=2)
+    out = preprocessing.augment_batch(x, _rngs(2, 8), ("random_crop",), crop_padding=2)
     for o, i in zip(out, x, strict=True):
         padded = np.pad(i, ((2, 2), (2, 2), (0, 0)), mode="edge")
         shifts = [padded[dy : dy + 6, dx : dx + 6] for dy in range(5) for dx in range(5)]
         assert any(np.array_equal(o, s) for s in shifts)
-
-
-def test_unknown_augmentation_raises():
-    with pytest.raises(ValueError, match="config.data.augment"):
-        preprocessing.check_augmentations(("flip", "rotate"))

@@ -1,10 +1,10 @@
-"""Turns a folder of face images into a tfds ArrayRecord dataset, once.
+"""The folder source: a tree of face images, prepared once into a tfds ArrayRecord dataset.
 
 Layout: ``ROOT/<identity>/<image>``, or ``ROOT/<group>/<identity>/<image>`` with
-``group_depth=1`` (``group_depth`` levels of group folders). ROOT may also be a zip archive, or a
-folder inside one: ``omniglot/images_background.zip/images_background``.
+``group_depth=1`` (``group_depth`` levels of group folders); ROOT may be a zip archive or a folder
+inside one (listing and reading: ``files.py``).
 
-Preparation (``prepare``) decodes every file once, in ``num_workers`` processes:
+Preparation (``prepare``) decodes every file once, in ``prepare_workers`` processes:
 
 * JPEG and PNG files already in L or RGB mode are stored byte for byte (nothing is lost, and
   the stored data does not depend on the training input size, so changing ``image_size`` or the
@@ -17,164 +17,35 @@ Preparation (``prepare``) decodes every file once, in ``num_workers`` processes:
 
 Features: ``image`` (encoded bytes), ``label`` (ClassLabel over identity names), ``identity``
 (``[<group>/]<identity>``), ``path`` (relative to ROOT), ``group``, ``face_box`` [4] float32.
-Everything lives in one split, ``full``, in file order; the identity-disjoint train/val/test
-splits are computed on top of it by ``folder_dataset``. The prepared data sits in
-``DATA_DIR/face_folder/<root name>_<content hash>/1.0.0``: the hash covers the root path, every
-file's relative path, size and mtime, ``group_depth`` and the detector, so a changed folder is
-prepared again and an unchanged one is read straight away. Reading needs no TensorFlow.
+Everything lives in one split, ``full``, in file order; ``create_folder_dataset`` splits it by
+identity (``splits.py``) and reads it with the shared reader (``records.RecordDataset``). The
+prepared data sits in ``DATA_DIR/face_folder/<root name>_<hash>/1.0.0``: the hash covers
+FORMAT_VERSION, the root path, every file's relative path, size and mtime, ``group_depth`` and the
+detector, so a changed folder is prepared again and an unchanged one is read straight away.
+Reading needs no TensorFlow.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import concurrent.futures.process
-import dataclasses
 import functools
 import hashlib
 import logging
 import multiprocessing
 import os
 import re
-import zipfile
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from facenet_jax.data import files, preprocessing, records, splits
+from facenet_jax.data.spec import DataSpec
+
 FORMAT_VERSION = "1"  # Bump when what is stored changes: every folder is then prepared again.
 SPLIT = "full"
 _PARALLEL_MIN_FILES = 2000  # Below this a process pool costs more than it saves.
-
-
-@dataclasses.dataclass(frozen=True)
-class TreeListing:
-    """The candidate image files of a tree, in sorted order, and their identities and groups."""
-
-    root: str  # Absolute path of the folder, zip, or "archive.zip/inner/folder".
-    group_depth: int
-    files: tuple[str, ...]  # Paths relative to root, "/"-separated.
-    identities: tuple[int, ...]  # Per file: index into identity_names.
-    groups: tuple[int, ...]  # Per file: index into group_names.
-    identity_names: tuple[str, ...]  # "<group>/<identity>" (or "<identity>"), sorted.
-    group_names: tuple[str, ...]  # Sorted group folder names; ("all",) when group_depth == 0.
-    misplaced: tuple[str, ...]  # Files not at ROOT/<group>*/<identity>/<file> depth.
-    signature: str  # sha1 over the root, group_depth and every file's path, size and mtime.
-
-
-def _split_zip(root: str) -> tuple[str, str] | None:
-    """("path/archive.zip", "inner/prefix") when root is, or lies inside, a zip file."""
-    parts = root.split(os.sep)
-    for i in range(len(parts), 0, -1):
-        head = os.sep.join(parts[:i]) or os.sep
-        if head.lower().endswith(".zip") and os.path.isfile(head):
-            return head, "/".join(p for p in parts[i:] if p)
-    return None
-
-
-def resolve_root(root: str) -> str:
-    """Absolute path of ``config.data.root``; a relative path is tried from the working directory,
-    then from the repository root (so ``../shared/data/bfw`` works from anywhere)."""
-    if not root:
-        raise ValueError("config.data.root is empty: set it to a folder ROOT/<identity>/<image>")
-    expanded = os.path.expanduser(root)
-    candidates = [os.path.abspath(expanded)]
-    if not os.path.isabs(expanded):
-        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        candidates.append(os.path.normpath(os.path.join(repo, expanded)))
-    for path in candidates:
-        if os.path.isdir(path) or _split_zip(path) is not None:
-            return path
-    raise FileNotFoundError(
-        f"config.data.root: image folder {root!r} does not exist (tried {candidates}); point "
-        "--config.data.root at a folder laid out as ROOT/[<group>/]<identity>/<image>"
-    )
-
-
-def _walk(root: str) -> list[tuple[str, int, int]]:
-    """(relative path, size, mtime_ns) of every file under root (a folder, zip or zip folder)."""
-    zipped = _split_zip(root)
-    if zipped is None:
-        out = []
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            rel_dir = os.path.relpath(dirpath, root)
-            for name in filenames:
-                path = os.path.join(dirpath, name)
-                try:
-                    st = os.stat(path)
-                    size, mtime = st.st_size, st.st_mtime_ns
-                except OSError:
-                    size, mtime = -1, -1  # Unreadable: inspected (and reported) later.
-                rel = name if rel_dir == "." else f"{rel_dir.replace(os.sep, '/')}/{name}"
-                out.append((rel, size, mtime))
-        return sorted(out)
-    archive, prefix = zipped
-    prefix = f"{prefix}/" if prefix else ""
-    with zipfile.ZipFile(archive) as zf:
-        return sorted(
-            (info.filename[len(prefix) :], info.file_size, info.CRC)
-            for info in zf.infolist()
-            if not info.is_dir() and info.filename.startswith(prefix)
-        )
-
-
-def scan_tree(root: str, group_depth: int = 0) -> TreeListing:
-    """Lists ``ROOT/<group>*group_depth/<identity>/<file>``; raises if there is no such file."""
-    if group_depth < 0:
-        raise ValueError(f"config.data.group_depth must be >= 0, got {group_depth}")
-    root = resolve_root(root)
-    entries = _walk(root)
-    depth = group_depth + 2
-    files, misplaced = [], []
-    for rel, _, _ in entries:
-        parts = rel.split("/")
-        hidden = any(p.startswith(".") or p == "__MACOSX" for p in parts)
-        if hidden:
-            continue  # .DS_Store, ._AppleDouble and friends are not data.
-        (files if len(parts) == depth else misplaced).append(rel)
-    if not files:
-        raise ValueError(
-            f"no image files found in {root} at depth ROOT/{'<group>/' * group_depth}"
-            f"<identity>/<image> ({len(misplaced)} files elsewhere); check config.data.root "
-            "and config.data.group_depth"
-        )
-    identity_of = ["/".join(f.split("/")[:-1]) for f in files]
-    group_of = ["/".join(f.split("/")[:group_depth]) or "all" for f in files]
-    identity_names = sorted(set(identity_of))
-    group_names = sorted(set(group_of))
-    id_index = {n: i for i, n in enumerate(identity_names)}
-    group_index = {n: i for i, n in enumerate(group_names)}
-    h = hashlib.sha1(f"{FORMAT_VERSION}\n{root}\n{group_depth}\n".encode())
-    for rel, size, mtime in entries:
-        h.update(f"{rel}\t{size}\t{mtime}\n".encode())
-    return TreeListing(
-        root=root,
-        group_depth=group_depth,
-        files=tuple(files),
-        identities=tuple(id_index[n] for n in identity_of),
-        groups=tuple(group_index[n] for n in group_of),
-        identity_names=tuple(identity_names),
-        group_names=tuple(group_names),
-        misplaced=tuple(misplaced),
-        signature=h.hexdigest(),
-    )
-
-
-@functools.lru_cache(maxsize=4)
-def _zip_handle(archive: str) -> zipfile.ZipFile:
-    return zipfile.ZipFile(archive)
-
-
-def read_file(root: str, rel: str) -> bytes:
-    """The bytes of ``rel`` under root (a folder or a zip); OSError when it cannot be read."""
-    zipped = _split_zip(root)
-    if zipped is None:
-        with open(os.path.join(root, *rel.split("/")), "rb") as f:
-            return f.read()
-    archive, prefix = zipped
-    try:
-        return _zip_handle(archive).read(f"{prefix}/{rel}" if prefix else rel)
-    except (KeyError, zipfile.BadZipFile) as e:
-        raise OSError(str(e)) from e
 
 
 def inspect_image(data: bytes, detector: str = "") -> dict[str, Any]:
@@ -185,14 +56,8 @@ def inspect_image(data: bytes, detector: str = "") -> dict[str, Any]:
     face box as fractions (y0, x0, y1, x1) of the image, all -1 when no detector ran or no face was
     found. Raises ValueError describing why the bytes are not a usable image.
     """
-    from facenet_jax.data import face_detection, preprocessing
-
-    stored, image = preprocessing.canonical_encoding(data)
-    box = np.full(4, -1.0, np.float32)
-    if detector:
-        found = face_detection.detect_relative(np.asarray(image), detector)
-        if found is not None:
-            box = np.asarray(found, np.float32)
+    stored, found = preprocessing.canonical_face(data, detector)
+    box = np.full(4, -1.0, np.float32) if found is None else np.asarray(found, np.float32)
     return {"image": stored, "face_box": box}
 
 
@@ -200,7 +65,7 @@ def _inspect_file(job: tuple[str, str, str]) -> tuple[dict[str, Any] | None, str
     """Worker: (root, rel, detector) -> (stored features or None, reason it was skipped)."""
     root, rel, detector = job
     try:
-        data = read_file(root, rel)
+        data = files.read_file(root, rel)
     except OSError as e:
         return None, f"unreadable ({e.strerror or e})"
     try:
@@ -220,7 +85,7 @@ def _make_builder_class():
     tfds = _import_tfds()
 
     class FaceFolder(tfds.core.GeneratorBasedBuilder):
-        """A folder of identity-labelled face images (see facenet_jax/folder_builder.py)."""
+        """A folder of identity-labelled face images (see facenet_jax/data/folder.py)."""
 
         VERSION = tfds.core.Version("1.0.0")
         RELEASE_NOTES = {"1.0.0": "Images, identity labels, paths, groups and face boxes."}
@@ -228,7 +93,9 @@ def _make_builder_class():
         # `importlib_resources` backport, which it does not install on Python >= 3.9.
         code_path = None
 
-        def __init__(self, *, listing: TreeListing, detector: str = "", num_workers: int = 0, **kw):
+        def __init__(
+            self, *, listing: files.TreeListing, detector: str = "", num_workers: int = 0, **kw
+        ):
             self.listing = listing
             self.detector = detector
             self.num_workers = num_workers
@@ -272,15 +139,18 @@ def builder_class():
     return _make_builder_class()
 
 
-def config_name(listing: TreeListing, detector: str) -> str:
-    """``<root name>_<12 hex of the content hash>`` (detector included in the hash)."""
+def config_name(listing: files.TreeListing, detector: str) -> str:
+    """``<root name>_<12 hex of the hash of FORMAT_VERSION, the listing and the detector>``."""
     base = os.path.basename(listing.root.rstrip(os.sep)) or "root"
     slug = re.sub(r"[^a-z0-9]+", "_", base.lower()).strip("_")[:40] or "root"
-    digest = hashlib.sha1(f"{listing.signature}\n{detector}".encode()).hexdigest()[:12]
+    key = f"{FORMAT_VERSION}\n{listing.signature}\n{detector}"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     return f"{slug}_{digest}"
 
 
-def _generate(listing: TreeListing, detector: str, num_workers: int, metadata: dict[str, Any]):
+def _generate(
+    listing: files.TreeListing, detector: str, num_workers: int, metadata: dict[str, Any]
+):
     """Yields (key, example) in file order, skipping bad files; fills ``metadata``."""
     jobs = [(listing.root, rel, detector) for rel in listing.files]
     workers = num_workers or os.cpu_count() or 1
@@ -373,7 +243,7 @@ def prepare(
       A tfds builder; ``builder.as_data_source("full")`` reads it, ``builder.info.metadata`` holds
       labels, groups, names and the skipped-file report.
     """
-    listing = scan_tree(root, group_depth)
+    listing = files.scan_tree(root, group_depth)
     data_dir = os.path.expanduser(data_dir or os.path.join("~", "tensorflow_datasets"))
     builder = builder_class()(
         listing=listing,
@@ -386,3 +256,74 @@ def prepare(
         logging.info("preparing %s into %s", listing.root, builder.data_dir)
         builder.download_and_prepare()
     return builder
+
+
+def prepare_once(prepare: Callable[[], Any]) -> Any:
+    """Runs ``prepare`` on process 0 first, then (after a barrier) on the other processes.
+
+    In a multi-host run every process builds the dataset; preparing concurrently would have
+    several processes write the same tfds directory. Process 0 prepares alone; the others then
+    find the data prepared (shared ``data_dir``) and only read it, or prepare their own copy
+    (host-local ``data_dir``). Single-process runs just call ``prepare``.
+    """
+    import jax  # Not at module level: grain workers import this module and need no JAX.
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return prepare()
+
+    result = prepare() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("facenet_jax.data.folder.prepare")
+    return prepare() if result is None else result
+
+
+def create_folder_dataset(spec: DataSpec, seed: int) -> records.RecordDataset:
+    """``source = "folder"``: prepares ``spec.root`` once, splits it by identity, reads it."""
+    import tensorflow_datasets as tfds
+
+    detector = spec.detector if spec.crop == "detect" else ""
+    builder = prepare_once(
+        lambda: prepare(
+            spec.root,
+            group_depth=spec.group_depth,
+            data_dir=spec.data_dir,
+            detector=detector,
+            num_workers=spec.prepare_workers,
+        )
+    )
+    meta = builder.info.metadata
+    # Read through a builder restored from the prepared directory (pickles into grain workers
+    # without the folder listing), as raw records parsed by records.parse_record.
+    source = tfds.builder_from_directory(builder.data_dir).as_data_source(
+        SPLIT, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
+    )
+    extra = {"root": meta["root"], "skipped_files": int(meta["num_skipped"])}
+    if meta["num_skipped"]:
+        logging.warning(
+            "%s: %d files were skipped at preparation (listed in %s/metadata.json)",
+            meta["root"],
+            meta["num_skipped"],
+            builder.data_dir,
+        )
+    if detector:
+        fallbacks = len(meta["labels"]) - int(meta["num_faces_found"])
+        extra["crop_fallbacks"] = fallbacks
+        logging.warning(
+            "crop=detect (%s): no face found in %d of %d images; they use the center crop",
+            detector,
+            fallbacks,
+            len(meta["labels"]),
+        )
+    labels, groups = np.asarray(meta["labels"]), np.asarray(meta["groups"])
+    return records.RecordDataset(
+        source,
+        records.TfdsDecoder("image", "face_box" if detector else "", spec),
+        labels=labels,
+        groups=groups,
+        identity_names=list(meta["identity_names"]),
+        group_names=list(meta["group_names"]),
+        splits=splits.split_for_spec(labels, groups, spec),
+        spec=spec,
+        seed=seed,
+        extra_info=extra,
+    )
