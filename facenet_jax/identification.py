@@ -11,11 +11,10 @@ images of different people) with ``d <= t``, and the threshold is the largest on
 ``FAR(t) <= target``. Against a gallery of K people a stranger is accepted when any template is
 that close, about ``1 - (1 - FAR)^K`` of strangers; ``calibrate_fpir`` instead sets the threshold
 for a target false-positive identification rate (FPIR) of this gallery, on the nearest-template
-distances of stranger images. The open-set report measures, on an evaluation set split into
-enrolled people and strangers: top-1 accuracy on enrolled people (closed set), the detection-and-
-identification rate (correct and accepted), and the rate at which strangers are accepted.
+distances of stranger images.
 
-N-way K-shot episodes (``episodes``) measure one-shot classification the standard way.
+The protocols built on this module live in ``facenet_jax.evaluate``: ``open_set`` (calibrate,
+enrol, identify and reject on a labelled set) and ``episodes`` (N-way K-shot classification).
 """
 
 from __future__ import annotations
@@ -25,20 +24,20 @@ import math
 import os
 import tempfile
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
-from facenet_jax.data.sampling import IGNORE_LABEL
 from facenet_jax.evaluate import verification
+from facenet_jax.labels import IGNORE_LABEL
+from facenet_jax.models.layers import l2_normalize
 
 UNKNOWN = "unknown"  # Name given to rejected probes.
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows of x [N, D] scaled to unit norm (float32)."""
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Rows of x [..., D] scaled to unit norm: ``models.l2_normalize`` (the network's own
+    normalisation) as a float32 NumPy array."""
+    return np.asarray(l2_normalize(np.asarray(x, np.float32)))
 
 
 # ------------------------------------------------------------------------------- gallery
@@ -114,14 +113,14 @@ def enrol(
     target_far: float = math.nan,
 ) -> Gallery:
     """Templates from embeddings [N, D] and the person name of each row (sorted by name)."""
-    e = l2_normalize(embeddings)
+    e = unit_rows(embeddings)
     names = np.asarray(names, dtype=str)
     if len(names) != len(e) or len(e) == 0:
         raise ValueError(f"need one name per embedding row, got {len(names)} names, {len(e)} rows")
     uniq, inverse = np.unique(names, return_inverse=True)
     sums = np.zeros((len(uniq), e.shape[1]), np.float64)
     np.add.at(sums, inverse, e)
-    return Gallery(l2_normalize(sums), [str(u) for u in uniq], fingerprint, threshold, target_far)
+    return Gallery(unit_rows(sums), [str(u) for u in uniq], fingerprint, threshold, target_far)
 
 
 @dataclasses.dataclass
@@ -149,7 +148,7 @@ def identify(
     ``threshold`` overrides the gallery's own.
     """
     t = gallery.threshold if threshold is None else threshold
-    p = l2_normalize(probes).astype(np.float64)
+    p = unit_rows(probes).astype(np.float64)
     g = np.asarray(gallery.embeddings, np.float64)
     if p.ndim != 2 or p.shape[1] != g.shape[1]:
         raise ValueError(f"probes must be [M, {g.shape[1]}], got {p.shape}")
@@ -176,7 +175,7 @@ def comparison_distances(
     Returns:
       ``(genuine, impostor)``: 1-D float64 arrays of distances.
     """
-    e = l2_normalize(embeddings).astype(np.float64)
+    e = unit_rows(embeddings).astype(np.float64)
     labels = np.asarray(labels).reshape(-1)
     keep = labels != IGNORE_LABEL
     e, labels = e[keep], labels[keep]
@@ -227,12 +226,12 @@ def calibrate_threshold(
     target_far: float,
     max_comparisons: int = 2_000_000,
     seed: int = 0,
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """Threshold for a target FAR over the impostor comparisons of a labelled validation set.
 
     Returns:
-      threshold, target_far, far_reached, tar (fraction of genuine comparisons accepted; nan if
-      none), num_impostor_comparisons, num_genuine_comparisons.
+      threshold, target_far, far_reached, tar (fraction of genuine comparisons accepted; None if
+      there are none), num_impostor_comparisons, num_genuine_comparisons.
     """
     genuine, impostor = comparison_distances(embeddings, labels, max_comparisons, seed)
     t, far = threshold_for_far(impostor, target_far)
@@ -240,7 +239,7 @@ def calibrate_threshold(
         "threshold": t,
         "target_far": float(target_far),
         "far_reached": far,
-        "tar": float(np.mean(genuine <= t)) if len(genuine) else math.nan,
+        "tar": float(np.mean(genuine <= t)) if len(genuine) else None,
         "num_impostor_comparisons": float(len(impostor)),
         "num_genuine_comparisons": float(len(genuine)),
     }
@@ -272,199 +271,34 @@ def calibrate_fpir(gallery: Gallery, strangers: np.ndarray, target_fpir: float) 
     }
 
 
-# ------------------------------------------------------------------------- open-set report
+CALIBRATE_FOR = ("comparison", "gallery")
 
 
-def split_open_set(
-    labels: np.ndarray, shots: int, enrolled_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Splits rows into enrolment images, probes of enrolled people, and probes of strangers.
-
-    A fraction of the identities with more than ``shots`` images is enrolled with ``shots``
-    random images each; their other images are probes. All images of the other identities are
-    stranger probes.
-
-    Returns:
-      ``(enrol_idx, known_probe_idx, stranger_idx)`` int64 row indices.
-    """
-    labels = np.asarray(labels).reshape(-1)
-    rng = np.random.default_rng([seed, 0x0DE7])
-    ids, counts = np.unique(labels[labels != IGNORE_LABEL], return_counts=True)
-    eligible = ids[counts > shots]
-    n_enrol = int(round(enrolled_fraction * len(eligible)))
-    if n_enrol < 1 or n_enrol >= len(ids):
-        raise ValueError(
-            f"open-set split: {len(eligible)} of {len(ids)} identities have > {shots} images; "
-            f"enrolled_fraction={enrolled_fraction} enrols {n_enrol}: need >= 1 enrolled and "
-            ">= 1 stranger identity"
-        )
-    enrolled = rng.choice(eligible, n_enrol, replace=False)
-    enrol_idx, known = [], []
-    for ident in np.sort(enrolled):
-        rows = rng.permutation(np.flatnonzero(labels == ident))
-        enrol_idx.append(rows[:shots])
-        known.append(rows[shots:])
-    strangers = np.flatnonzero((labels != IGNORE_LABEL) & ~np.isin(labels, enrolled))
-    return np.concatenate(enrol_idx), np.sort(np.concatenate(known)), strangers
-
-
-def open_set_report(
+def calibrate_gallery(
     gallery: Gallery,
-    probes: np.ndarray,
-    probe_names: Sequence[str],
-    threshold: float | None = None,
-) -> dict[str, float]:
-    """Open-set identification at the gallery's threshold (or at ``threshold``).
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    target: float,
+    calibrate_for: str = "comparison",
+) -> tuple[Gallery, dict[str, float | None]]:
+    """The gallery with its threshold calibrated for ``target`` on a labelled set of other people.
 
     Args:
-      probes: [M, D] embeddings; probe_names: [M] true names (strangers: names not enrolled).
+      gallery: the enrolled templates (its own threshold is ignored).
+      embeddings: [M, D], labels: [M] int, images of people who are not enrolled.
+      target: the false-accept rate aimed at.
+      calibrate_for: "comparison": ``target`` is the FAR per impostor comparison among the set's
+        own pairs (``calibrate_threshold``); "gallery": ``target`` is the FPIR of this gallery, the
+        set's images being strangers to it (``calibrate_fpir``).
 
     Returns:
-      top1_accuracy (nearest template correct, enrolled probes, no threshold),
-      detection_identification_rate (correct and accepted), false_reject_rate (enrolled probes
-      rejected), misidentification_rate (accepted under a wrong name), stranger_far (strangers
-      accepted), threshold, target_far, and the counts.
+      ``(calibrated gallery, the calibration's entries)``.
     """
-    result = identify(gallery, probes, threshold)
-    truth = np.asarray(probe_names, dtype=str)
-    known = np.isin(truth, np.asarray(gallery.names, dtype=str))
-    correct = np.asarray(gallery.names, dtype=str)[result.nearest] == truth
-    acc = result.accepted
-    mean = lambda m: float(np.mean(m)) if len(m) else math.nan
-    return {
-        "top1_accuracy": mean(correct[known]),
-        "detection_identification_rate": mean((correct & acc)[known]),
-        "false_reject_rate": mean(~acc[known]),
-        "misidentification_rate": mean((acc & ~correct)[known]),
-        "stranger_far": mean(acc[~known]),
-        "threshold": float(gallery.threshold if threshold is None else threshold),
-        "target_far": float(gallery.target_far),
-        "num_enrolled": float(len(gallery.names)),
-        "num_known_probes": float(known.sum()),
-        "num_stranger_probes": float((~known).sum()),
-    }
-
-
-def open_set_protocol(
-    embeddings: np.ndarray,
-    labels: np.ndarray,
-    target_far: float = 1e-2,
-    shots: int = 1,
-    calibration_fraction: float = 0.5,
-    enrolled_fraction: float = 0.5,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Calibrate on some identities, then enrol/identify/reject on the others.
-
-    Identities are split at random: ``calibration_fraction`` of them calibrate the threshold for
-    ``target_far``; the rest are split by ``split_open_set`` into enrolled people (``shots``
-    images each) and strangers.
-
-    Returns:
-      ``open_set_report`` plus ``calibration_*`` entries from ``calibrate_threshold``, and
-      ``fpir_calibrated``: the same probes at the threshold ``calibrate_fpir`` sets for
-      FPIR = ``target_far`` with the calibration identities as strangers to this gallery
-      (threshold, calibration_fpir_reached, detection_identification_rate, false_reject_rate,
-      stranger_fpir).
-    """
-    labels = np.asarray(labels).reshape(-1)
-    rng = np.random.default_rng([seed, 0xCA1])
-    ids = np.unique(labels[labels != IGNORE_LABEL])
-    calib_ids = rng.choice(ids, int(round(calibration_fraction * len(ids))), replace=False)
-    in_calib = np.isin(labels, calib_ids)
-    cal = calibrate_threshold(embeddings[in_calib], labels[in_calib], target_far, seed=seed)
-    rest = np.flatnonzero(~in_calib & (labels != IGNORE_LABEL))
-    enrol_idx, known, strangers = split_open_set(labels[rest], shots, enrolled_fraction, seed)
-    names = labels.astype(str)
-    gallery = enrol(
-        embeddings[rest[enrol_idx]], names[rest[enrol_idx]], "", cal["threshold"], target_far
-    )
-    probes = rest[np.concatenate([known, strangers])]
-    report = open_set_report(gallery, embeddings[probes], names[probes])
-    report.update({f"calibration_{k}": v for k, v in cal.items()})
-    # Gallery-aware alternative: the calibration identities are strangers to this gallery; a
-    # threshold for FPIR = target_far on them, measured on the held-out strangers and probes.
-    fpir = calibrate_fpir(gallery, embeddings[in_calib], target_far)
-    at_fpir = open_set_report(gallery, embeddings[probes], names[probes], fpir["threshold"])
-    report["fpir_calibrated"] = {
-        "threshold": fpir["threshold"],
-        "calibration_fpir_reached": fpir["fpir_reached"],
-        **{k: at_fpir[k] for k in ("detection_identification_rate", "false_reject_rate")},
-        "stranger_fpir": at_fpir["stranger_far"],
-    }
-    report["shots"] = float(shots)
-    return report
-
-
-# ------------------------------------------------------------------------------ episodes
-
-
-def sample_episode(
-    by_class: Sequence[np.ndarray], way: int, shot: int, queries: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Support [way, shot] and query [way, queries] row indices of one episode.
-
-    ``by_class`` lists the rows of each class with >= shot + queries rows; ``way`` distinct
-    classes are drawn, and within each class disjoint support and query rows.
-    """
-    classes = rng.choice(len(by_class), way, replace=False)
-    support = np.empty((way, shot), np.int64)
-    query = np.empty((way, queries), np.int64)
-    for w, c in enumerate(classes):
-        rows = rng.choice(by_class[c], shot + queries, replace=False)
-        support[w], query[w] = rows[:shot], rows[shot:]
-    return support, query
-
-
-def episode_accuracy(embeddings: np.ndarray, support: np.ndarray, query: np.ndarray) -> float:
-    """Fraction of queries whose nearest class prototype (normalised mean of the normalised
-    support embeddings) is their own class. support: [way, shot], query: [way, q] row indices."""
-    e = np.asarray(embeddings)
-    protos = l2_normalize(l2_normalize(e[support]).mean(axis=1))  # [way, D]
-    q = l2_normalize(e[query.reshape(-1)])  # [way*q, D]
-    d = (q * q).sum(1)[:, None] + (protos * protos).sum(1)[None, :] - 2.0 * q @ protos.T
-    truth = np.repeat(np.arange(len(support)), query.shape[1])
-    return float(np.mean(np.argmin(d, axis=1) == truth))
-
-
-def episodes(
-    embeddings: np.ndarray,
-    labels: np.ndarray,
-    way: int,
-    shot: int,
-    num_episodes: int = 1000,
-    queries: int = 1,
-    seed: int = 0,
-) -> dict[str, float]:
-    """N-way K-shot classification by nearest prototype, averaged over random episodes.
-
-    Returns:
-      accuracy (mean over episodes), ci95 (1.96 * std / sqrt(episodes)), way, shot, queries,
-      num_episodes, num_classes (classes with enough images to take part).
-    """
-    labels = np.asarray(labels).reshape(-1)
-    ids, counts = np.unique(labels[labels != IGNORE_LABEL], return_counts=True)
-    usable = ids[counts >= shot + queries]
-    if len(usable) < way:
-        raise ValueError(
-            f"{way}-way {shot}-shot episodes with {queries} queries need {way} classes with "
-            f">= {shot + queries} images; only {len(usable)} of {len(ids)} classes have them"
-        )
-    by_class = [np.flatnonzero(labels == c) for c in usable]
-    rng = np.random.default_rng([seed, 0xE915])
-    accs = np.array(
-        [
-            episode_accuracy(embeddings, *sample_episode(by_class, way, shot, queries, rng))
-            for _ in range(num_episodes)
-        ]
-    )
-    std = accs.std(ddof=1) if num_episodes > 1 else 0.0
-    return {
-        "accuracy": float(accs.mean()),
-        "ci95": float(1.96 * std / math.sqrt(num_episodes)),
-        "way": float(way),
-        "shot": float(shot),
-        "queries": float(queries),
-        "num_episodes": float(num_episodes),
-        "num_classes": float(len(usable)),
-    }
+    if calibrate_for == "comparison":
+        calibration = calibrate_threshold(embeddings, labels, target)
+    elif calibrate_for == "gallery":
+        calibration = calibrate_fpir(gallery, embeddings, target)
+    else:
+        raise ValueError(f"calibrate_for: {calibrate_for!r}; valid: {list(CALIBRATE_FOR)}")
+    threshold = calibration["threshold"]
+    return dataclasses.replace(gallery, threshold=threshold, target_far=float(target)), calibration

@@ -1,4 +1,4 @@
-"""Gallery enrolment, identification with rejection, FAR calibration, open-set report, episodes."""
+"""Gallery enrolment, identification with rejection, FAR and FPIR threshold calibration."""
 
 import math
 import os
@@ -7,20 +7,7 @@ import numpy as np
 import pytest
 
 from facenet_jax import identification as ident
-
-
-def clusters(num_ids, per_id, dim=16, noise=0.35, seed=0):
-    """Unit embeddings scattered around one random unit centre per identity."""
-    rng = np.random.default_rng(seed)
-    centres = ident.l2_normalize(rng.normal(size=(num_ids, dim)))
-    labels = np.repeat(np.arange(num_ids), per_id)
-    e = centres[labels] + rng.normal(scale=noise / math.sqrt(dim), size=(len(labels), dim))
-    return ident.l2_normalize(e), labels
-
-
-def unit(x):
-    x = np.asarray(x, float)
-    return x / np.linalg.norm(x)
+from tests.clusters import clusters, unit
 
 
 def test_enrol_templates_and_names():
@@ -113,79 +100,6 @@ def test_calibrated_far_holds_on_held_out_impostors():
     assert 0 < cal["tar"] <= 1
 
 
-def test_open_set_report_against_loop():
-    e, labels = clusters(10, 4, noise=0.9, seed=5)
-    names = np.array([f"id{k}" for k in labels])
-    enrol_idx, known, strangers = ident.split_open_set(labels, 1, 0.5, seed=0)
-    assert len(enrol_idx) == 5 and len(set(labels[enrol_idx])) == 5
-    assert not set(labels[strangers]) & set(labels[enrol_idx])
-    assert set(labels[known]) == set(labels[enrol_idx])
-    assert len(set(enrol_idx) | set(known) | set(strangers)) == 40
-    g = ident.enrol(e[enrol_idx], names[enrol_idx], threshold=0.6)
-    probes = np.concatenate([known, strangers])
-    rep = ident.open_set_report(g, e[probes], names[probes])
-    top1, dir_, frr, far = [], [], [], []
-    for p in probes:
-        d = [float(np.sum((e[p] - t) ** 2)) for t in g.embeddings]
-        k = int(np.argmin(d))
-        ok, acc = g.names[k] == names[p], d[k] <= 0.6
-        if names[p] in g.names:
-            top1.append(ok)
-            dir_.append(ok and acc)
-            frr.append(not acc)
-        else:
-            far.append(acc)
-    assert rep["top1_accuracy"] == pytest.approx(np.mean(top1))
-    assert rep["detection_identification_rate"] == pytest.approx(np.mean(dir_))
-    assert rep["false_reject_rate"] == pytest.approx(np.mean(frr))
-    assert rep["stranger_far"] == pytest.approx(np.mean(far))
-    assert rep["num_stranger_probes"] == len(strangers) == 20
-
-
-def test_open_set_protocol_separable():
-    e, labels = clusters(200, 3, noise=0.3, seed=6)
-    rep = ident.open_set_protocol(e, labels, target_far=1e-3, shots=1)
-    assert rep["top1_accuracy"] == 1.0 and rep["detection_identification_rate"] == 1.0
-    assert rep["calibration_far_reached"] <= 1e-3 and rep["num_enrolled"] == 50
-    # A stranger is accepted if any of the 50 templates is within the threshold: about
-    # 1 - (1 - FAR)^50 = 0.05 here, far below the 1.0 of an uncalibrated (infinite) threshold.
-    assert rep["stranger_far"] < 0.25
-
-
-def test_episode_accuracy_matches_loop():
-    e, labels = clusters(8, 6, noise=1.2, seed=7)
-    by_class = [np.flatnonzero(labels == c) for c in range(8)]
-    rng = np.random.default_rng(0)
-    support, query = ident.sample_episode(by_class, 5, 2, 3, rng)
-    assert len(set(labels[support[:, 0]])) == 5
-    assert (labels[support] == labels[support[:, :1]]).all()
-    assert (labels[query] == labels[support[:, :1]]).all()
-    assert not set(support.ravel()) & set(query.ravel())
-    protos = [unit(np.mean([unit(e[i]) for i in row], axis=0)) for row in support]
-    correct = []
-    for w, row in enumerate(query):
-        for i in row:
-            d = [np.sum((unit(e[i]) - p) ** 2) for p in protos]
-            correct.append(int(np.argmin(d)) == w)
-    assert ident.episode_accuracy(e, support, query) == pytest.approx(np.mean(correct))
-
-
-def test_episodes_chance_and_perfect():
-    e, labels = clusters(30, 3, noise=0.05, seed=8)
-    perfect = ident.episodes(e, labels, way=20, shot=1, num_episodes=50)
-    assert perfect["accuracy"] == 1.0 and perfect["ci95"] == 0.0
-    # Random embeddings: chance level. The CI is over episodes for these fixed embeddings; with
-    # 1,000 images re-used across episodes there is a little extra variance, hence 4 sigma.
-    rand = np.random.default_rng(9).normal(size=(1000, 16))
-    chance = ident.episodes(rand, np.repeat(np.arange(500), 2), way=5, shot=1, num_episodes=400)
-    assert abs(chance["accuracy"] - 0.2) < 4 * chance["ci95"] / 1.96
-    assert ident.episodes(e, labels, 5, 1, 30, seed=3) == ident.episodes(
-        e, labels, 5, 1, 30, seed=3
-    )
-    with pytest.raises(ValueError, match="need 31 classes"):
-        ident.episodes(e, labels, way=31, shot=1)
-
-
 def test_calibrate_fpir_matches_nearest_template_brute_force():
     e, labels = clusters(30, 3, noise=0.8, seed=11)
     enrolled = labels < 20
@@ -200,13 +114,29 @@ def test_calibrate_fpir_matches_nearest_template_brute_force():
     assert cal["num_strangers"] == len(strangers) == 30
 
 
-def test_fpir_calibration_holds_the_stranger_rate_where_per_comparison_far_does_not():
-    # 75 enrolled people, 1 shot each: a threshold for a 5% per-comparison FAR accepts almost
-    # every stranger (~1 - 0.95^75); calibrated for FPIR it accepts ~5% of held-out strangers.
-    e, labels = clusters(300, 4, noise=0.6, seed=3)
-    rep = ident.open_set_protocol(e, labels, target_far=0.05, shots=1)
-    assert rep["stranger_far"] > 0.5
-    fpir = rep["fpir_calibrated"]
-    assert fpir["calibration_fpir_reached"] <= 0.05
-    assert fpir["stranger_fpir"] < 0.1
-    assert fpir["threshold"] < rep["threshold"]
+@pytest.mark.parametrize("calibrate_for", ["comparison", "gallery"])
+def test_calibrate_gallery_sets_the_threshold_of_the_chosen_rate(calibrate_for):
+    e, labels = clusters(30, 3, noise=0.8, seed=12)
+    enrolled = labels < 10
+    gallery = ident.enrol(e[enrolled], labels[enrolled].astype(str), "m", threshold=9.0)
+    other_e, other_l = e[~enrolled], labels[~enrolled]
+    calibrated, cal = ident.calibrate_gallery(gallery, other_e, other_l, 0.1, calibrate_for)
+    want = (
+        ident.calibrate_threshold(other_e, other_l, 0.1)
+        if calibrate_for == "comparison"
+        else ident.calibrate_fpir(gallery, other_e, 0.1)
+    )
+    assert cal == want
+    assert calibrated.threshold == want["threshold"] and calibrated.target_far == 0.1
+    assert calibrated.names == gallery.names and gallery.threshold == 9.0  # a copy
+    with pytest.raises(ValueError, match="calibrate_for"):
+        ident.calibrate_gallery(gallery, other_e, other_l, 0.1, "nope")
+
+
+def test_unit_rows_is_the_models_l2_normalize():
+    x = np.random.default_rng(13).normal(size=(5, 3, 7))
+    x[0, 0] = 0.0  # the zero vector stays zero instead of becoming NaN
+    u = ident.unit_rows(x)
+    assert u.dtype == np.float32 and u.shape == x.shape
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    np.testing.assert_allclose(u, np.where(norms > 0, x / np.maximum(norms, 1e-12), 0), atol=1e-6)

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-IGNORE_LABEL = -1  # Label of padding rows; excluded from mining and evaluation everywhere.
+from facenet_jax.labels import IGNORE_LABEL  # noqa: F401 (defined once, in facenet_jax.labels)
 
 
 def group_by_label(labels: np.ndarray, min_count: int = 1) -> dict[int, np.ndarray]:

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from facenet_jax.data.sampling import IGNORE_LABEL
+from facenet_jax.labels import IGNORE_LABEL
 
 
 def _nearest(

@@ -27,7 +27,7 @@ import numpy as np
 from sklearn import metrics as sk_metrics
 from sklearn.model_selection import KFold
 
-from facenet_jax.data.sampling import IGNORE_LABEL
+from facenet_jax.labels import IGNORE_LABEL
 
 FAR_TARGETS = (1e-3, 1e-2)
 
