@@ -1,25 +1,182 @@
-"""Loading a trained run for inference: ``load_embedder(workdir)`` -> ``Embedder``.
+"""The one door from images to embeddings: ``Embedder`` (files, folders, zips, dataset splits).
 
-The embedder rebuilds the model from ``WORKDIR/config.json``, restores the latest (or a given)
-checkpoint, and embeds preprocessed images or image files with the run's own preprocessing.
+    embedder = inference.load_embedder(workdir)        # a trained run, latest checkpoint
+    images = inference.list_images("faces/")           # ROOT/[<group>/]<identity>/<image>
+    faces = embedder.embed_set(images, flip=True)      # the ImageSet with embeddings [N, d]
+    test = embedder.embed_split(dataset, "test")       # a split of a FaceDataset
+
+An image file reaches the network exactly as a training image does:
+
+    bytes (a file, or a member of a zip archive)
+      -> preprocessing.load_image_bytes: the canonical encoding folder preparation stores, the
+         face box (crop=detect), crop, resize, scale to [-1, 1]       [S, S, C] float32
+      -> zero-padded to a fixed batch size (few compiled shapes)      [B, S, S, C]
+      -> the model, BatchNorm running statistics, batch split over the device mesh: [B, d] unit
+      -> with flip (test-time augmentation): l2_normalize(f(x) + f(mirror(x))).
+
+Training's own evaluation embeds its splits with the same ``Embedder`` (built from the train
+state's variables), so re-evaluating a checkpoint from the CLI gives the run's numbers. Model
+variables are rebuilt from ``config.model`` alone (``init_variables``), not from training code.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
+import logging
+import os
+import sys
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
+from jax.sharding import PartitionSpec as P
 
-from facenet_jax import checkpoints, models
+from facenet_jax import checkpoints, models, parallel
+from facenet_jax.data import files, preprocessing, sampling
+from facenet_jax.data.spec import DataSpec
+from facenet_jax.labels import IGNORE_LABEL
+
+MIN_BATCH = 8  # Smallest padded batch: embedding 1 or 2 files compiles one small shape.
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------ image files
+
+
+@dataclasses.dataclass
+class ImageSet:
+    """Labelled images, and once embedded (``Embedder.embed_set`` / ``embed_split``) their
+    embeddings: what the evaluation protocols consume.
+
+    Attributes:
+      root: where ``files`` lie (a folder, zip, or folder in a zip; None: the files are paths;
+        ``<data source>:<split>`` for a dataset split, whose files are ``<split>/<k>``).
+      files: [N] file of each image.
+      labels: [N] int identity, an index into ``identity_names``.
+      groups: [N] int group, an index into ``group_names``.
+      embeddings: [N, d] float32 unit rows, None until embedded.
+    """
+
+    root: str | None
+    files: list[str]
+    labels: np.ndarray
+    identity_names: list[str]
+    groups: np.ndarray
+    group_names: list[str]
+    embeddings: np.ndarray | None = None
+
+    @property
+    def names(self) -> np.ndarray:
+        """[N] str identity name of each image."""
+        return np.asarray(self.identity_names, dtype=str)[self.labels]
+
+    def subset(self, keep: np.ndarray) -> ImageSet:
+        """The images where ``keep`` [N] bool is True (names unchanged)."""
+        kept = [f for f, k in zip(self.files, keep, strict=True) if k]
+        emb = None if self.embeddings is None else self.embeddings[keep]
+        return dataclasses.replace(
+            self, files=kept, labels=self.labels[keep], groups=self.groups[keep], embeddings=emb
+        )
+
+    def save(self, path: str, fingerprint: str) -> None:
+        """An .npz of ``embeddings``, per image ``names``, ``paths`` and ``groups`` (names), and
+        the model's ``fingerprint``."""
+        np.savez(
+            path,
+            embeddings=self.embeddings,
+            names=self.names,
+            paths=np.asarray(self.files, dtype=str),
+            groups=np.asarray(self.group_names, dtype=str)[self.groups],
+            fingerprint=np.asarray(fingerprint),
+        )
+
+
+def list_images(root: str, group_depth: int = 0, flat_ok: bool = False) -> ImageSet:
+    """The image files of ``ROOT/[<group>/]<identity>/<image>`` (a folder, zip, or folder in a zip).
+
+    With ``flat_ok`` a folder of ``ROOT/<name>.<ext>`` files (one photo per person, the name being
+    the identity) is accepted when it has no identity sub-folders.
+    """
+    try:
+        tree = files.scan_tree(root, group_depth)
+        keep = [k for k, f in enumerate(tree.files) if files.is_image_file(f)]
+        if not keep:
+            raise ValueError(f"no image files ({', '.join(files.IMAGE_EXTENSIONS)}) under {root}")
+        return ImageSet(
+            tree.root,
+            [tree.files[k] for k in keep],
+            np.asarray(tree.identities)[keep],
+            list(tree.identity_names),
+            np.asarray(tree.groups)[keep],
+            list(tree.group_names),
+        )
+    except ValueError:
+        listed = os.listdir(root) if flat_ok and os.path.isdir(root) else []
+        flat = sorted(f for f in listed if files.is_image_file(f))
+        if not flat:
+            raise
+        n = len(flat)
+        names = [os.path.splitext(f)[0] for f in flat]
+        return ImageSet(os.path.abspath(root), flat, np.arange(n), names, np.zeros(n, int), ["all"])
+
+
+def load_file(root: str | None, rel: str, spec: DataSpec) -> np.ndarray:
+    """One image file as training sees it: [S, S, C] float32 in [-1, 1].
+
+    ``rel`` lies under ``root`` (a folder, a zip archive or a folder inside one), or is a path when
+    ``root`` is None. The bytes go through ``preprocessing.load_image_bytes``, the steps of a
+    training record. Raises OSError (unreadable) or ValueError (not an image), naming the file.
+    """
+    if root is None:
+        return preprocessing.load_image(rel, spec)
+    name = f"{root}/{rel}"
+    try:
+        data = files.read_file(root, rel)
+    except OSError as e:
+        raise OSError(f"cannot read image file {name}: {e}") from e
+    return preprocessing.load_image_bytes(data, spec, name)
+
+
+# ------------------------------------------------------------------------------- embedder
+
+
+def embed_step(model, variables, images: jax.Array, flip: bool) -> jax.Array:
+    """images [B, H, W, C] -> [B, d] unit embeddings, BatchNorm running statistics.
+
+    With ``flip`` the embedding is ``l2_normalize(f(x) + f(mirror(x)))``, mirroring the width axis.
+    """
+    emb = model.apply(variables, images, train=False)
+    if flip:
+        mirrored = model.apply(variables, images[:, :, ::-1], train=False)
+        emb = models.l2_normalize(emb + mirrored)
+    return emb
+
+
+@functools.partial(jax.jit, static_argnames=("model", "mesh", "flip"))
+def _sharded_embed(variables, images: jax.Array, *, model, mesh, flip: bool) -> jax.Array:
+    """``embed_step`` with the variables replicated and the batch split over ``mesh``. Compiled
+    once per (model, mesh, flip, shape): every Embedder of a run shares the executables."""
+    step = functools.partial(embed_step, model, flip=flip)
+    spec = P(parallel.DATA_AXIS)
+    return jax.shard_map(step, mesh=mesh, in_specs=(P(), spec), out_specs=spec, check_vma=False)(
+        variables, images
+    )
 
 
 class Embedder:
-    """A trained embedding network f: images [N, H, W, C] in [-1, 1] -> [N, d] unit vectors."""
+    """An embedding network f: images [N, H, W, C] in [-1, 1] -> [N, d] unit vectors.
+
+    Args:
+      config: the run's config (``model``, ``data`` and ``eval.batch_size`` are read).
+      params, batch_stats: the network's variables.
+      step: the training step they come from (0: untrained).
+      mesh: devices the batch is split over (default: all devices, ``parallel.create_mesh``).
+    """
 
     def __init__(
         self,
@@ -27,118 +184,222 @@ class Embedder:
         params,
         batch_stats,
         step: int,
+        mesh: jax.sharding.Mesh | None = None,
     ):
         self.config = config
-        self.step = step
-        self.variables = {"params": params, "batch_stats": batch_stats}
+        self.step = int(step)
+        self.mesh = parallel.create_mesh() if mesh is None else mesh
+        self.spec = DataSpec.from_config(config.data)
+        self.batch_size = int(config.eval.batch_size)
         self.model = models.create_model(config.model)
-        self._apply = jax.jit(lambda v, x: self.model.apply(v, x, train=False))
-        leaves = jax.tree.leaves(params)
-        digest = hashlib.sha256()
-        digest.update(config.model.to_json(sort_keys=True).encode())
-        for leaf in leaves:
+        variables = {"params": params, "batch_stats": batch_stats}
+        self.variables = parallel.replicate(variables, self.mesh)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Identifies the exact weights; stored with galleries so a gallery is never used with
+        another model: ``<model name>-step<step>-<sha256 of the model config and params>``."""
+        digest = hashlib.sha256(self.config.model.to_json(sort_keys=True).encode())
+        for leaf in jax.tree.leaves(self.variables["params"]):
             digest.update(np.asarray(leaf, np.float32).tobytes())
-        #: Identifies the exact weights; stored with galleries so a gallery is never used with
-        #: another model.
-        self.fingerprint = f"{config.model.name}-step{step}-{digest.hexdigest()[:16]}"
+        return f"{self.config.model.name}-step{self.step}-{digest.hexdigest()[:16]}"
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        d = self.config.data
-        return (d.image_size, d.image_size, d.channels)
+        return self.spec.image_shape
 
-    def embed(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """images: [N, H, W, C] float32 in [-1, 1] -> [N, d] float32 unit vectors.
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.config.model.embedding_dim)
 
-        Batches are padded to ``batch_size`` so only one shape is ever compiled.
+    def _embed_batch(self, x: np.ndarray, batch_size: int, flip: bool) -> np.ndarray:
+        """x [n <= batch_size, H, W, C], the same on every process -> [n, d] float32.
+
+        x is zero-padded to the next power of two (at least MIN_BATCH, at most batch_size),
+        rounded up to a multiple of the device count; each process embeds its own rows.
+        """
+        n, n_dev = len(x), self.mesh.devices.size
+        size = -(-min(batch_size, max(MIN_BATCH, 1 << (n - 1).bit_length())) // n_dev) * n_dev
+        x = np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)])
+        rows = sampling.process_slice(size, jax.process_index(), jax.process_count())
+        images = parallel.shard_batch({"image": x[rows]}, self.mesh)["image"]
+        emb = _sharded_embed(self.variables, images, model=self.model, mesh=self.mesh, flip=flip)
+        return np.asarray(parallel.gather_to_host(emb)[:n], np.float32)
+
+    def embed(
+        self, images: np.ndarray, batch_size: int | None = None, flip: bool = False
+    ) -> np.ndarray:
+        """images [N, H, W, C] float32 in [-1, 1] -> [N, d] float32 unit vectors.
+
+        ``batch_size`` (default ``config.eval.batch_size``) images per forward pass.
         """
         images = np.asarray(images, np.float32)
         if images.ndim != 4 or images.shape[1:] != self.image_shape:
             raise ValueError(
                 f"expected images [N, {', '.join(map(str, self.image_shape))}], got {images.shape}"
             )
-        out = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            n = len(chunk)
-            if n < batch_size and len(images) > batch_size:
-                chunk = np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]))])
-            out.append(np.asarray(self._apply(self.variables, jnp.asarray(chunk)))[:n])
-        if not out:
-            return np.zeros((0, self.config.model.embedding_dim), np.float32)
-        return np.concatenate(out)
+        b = batch_size or self.batch_size
+        out = [self._embed_batch(images[s : s + b], b, flip) for s in range(0, len(images), b)]
+        return np.concatenate(out) if out else np.zeros((0, self.embedding_dim), np.float32)
 
-    def embed_paths(
+    def data_spec(self, crop: str | None = None) -> DataSpec:
+        """The run's data spec, with another ``crop`` if one is given."""
+        if crop is None or crop == self.spec.crop:
+            return self.spec
+        log.warning("crop=%s differs from the run's crop=%s", crop, self.spec.crop)
+        return dataclasses.replace(self.spec, crop=crop)
+
+    def embed_files(
         self,
+        root: str | None,
         paths: Sequence[str],
-        batch_size: int = 256,
+        *,
+        batch_size: int | None = None,
+        flip: bool = False,
+        crop: str | None = None,
+        skip_bad: bool = False,
+        progress: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Embeds image files (``load_file``) under ``root``, or paths when root is None.
+
+        Undecodable files raise, or with ``skip_bad`` are skipped with a warning naming each.
+
+        Returns:
+          ``(embeddings [n_ok, d] float32, ok [N] bool)``.
+        """
+        from tqdm.auto import tqdm
+
+        spec = self.data_spec(crop)
+        b = batch_size or self.batch_size
+        ok = np.ones(len(paths), bool)
+        out = []
+        bar = tqdm(
+            total=len(paths), desc="embed", unit="img", disable=not progress, file=sys.stderr
+        )
+        for start in range(0, len(paths), b):
+            images = []
+            for k in range(start, min(start + b, len(paths))):
+                try:
+                    images.append(load_file(root, paths[k], spec))
+                except (OSError, ValueError) as e:
+                    if not skip_bad:
+                        raise
+                    ok[k] = False
+                    log.warning("skipping %s", e)
+            bar.update(min(b, len(paths) - start))
+            if images:
+                out.append(self._embed_batch(np.stack(images), b, flip))
+        bar.close()
+        if (~ok).any():
+            log.warning("skipped %d of %d files that could not be read", (~ok).sum(), len(paths))
+        emb = np.concatenate(out) if out else np.zeros((0, self.embedding_dim), np.float32)
+        return emb, ok
+
+    def embed_set(self, images: ImageSet, **kwargs) -> ImageSet:
+        """``images`` embedded (``embed_files`` options), unreadable files skipped."""
+        emb, ok = self.embed_files(images.root, images.files, skip_bad=True, **kwargs)
+        return dataclasses.replace(images.subset(ok), embeddings=emb)
+
+    def embed_split(
+        self,
+        dataset,
+        split: str,
+        *,
+        batch_size: int | None = None,
         flip: bool = False,
         progress: bool = False,
-    ) -> np.ndarray:
-        """Loads image files with the run's preprocessing and embeds them.
+    ) -> ImageSet:
+        """Embeds every image of a ``FaceDataset`` split once (its padding rows dropped).
 
-        With ``flip``, the embedding is that of the image plus its horizontal mirror,
-        re-normalised (test-time augmentation).
+        The dataset's evaluation batches hold ``batch_size`` rows (default ``config.eval.
+        batch_size``, rounded up to a multiple of the device count); every process reads the
+        whole batch and embeds its own rows.
         """
-        from facenet_jax.data import preprocessing
+        from tqdm.auto import tqdm
 
-        iterator = range(0, len(paths), batch_size)
-        if progress:
-            from tqdm.auto import tqdm
+        n_dev = self.mesh.devices.size
+        b = -(-(batch_size or self.batch_size) // n_dev) * n_dev
+        info = dataset.split_info(split)  # Unknown split names fail here, naming the valid ones.
+        embs, labels, groups = [], [], []
+        bar = tqdm(total=info["num_images"], desc=f"embed {split}", disable=not progress)
+        for batch in dataset.eval_batches(split, b):
+            keep = batch["label"] != IGNORE_LABEL
+            emb = self._embed_batch(np.asarray(batch["image"], np.float32), b, flip)
+            embs.append(emb[keep])
+            labels.append(batch["label"][keep])
+            groups.append(batch["group"][keep])
+            bar.update(int(keep.sum()))
+        bar.close()
+        n = sum(len(x) for x in labels)
+        return ImageSet(
+            f"{self.config.data.source}:{split}",
+            [f"{split}/{k}" for k in range(n)],
+            np.concatenate(labels),
+            list(info["identity_names"]),
+            np.concatenate(groups),
+            list(info["group_names"]),
+            np.concatenate(embs),
+        )
 
-            iterator = tqdm(iterator, desc="embed", unit="batch")
-        out = []
-        for start in iterator:
-            images = np.stack(
-                [
-                    preprocessing.load_image(p, self.config.data)
-                    for p in paths[start : start + batch_size]
-                ]
-            )
-            emb = self.embed(images, batch_size)
-            if flip:
-                emb = emb + self.embed(images[:, :, ::-1], batch_size)
-                emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-            out.append(emb)
-        if not out:
-            return np.zeros((0, self.config.model.embedding_dim), np.float32)
-        return np.concatenate(out)
+
+# ------------------------------------------------------------------------------ loading runs
 
 
-def load_embedder(workdir: str, step: int | None = None) -> Embedder:
-    """Restores the model of a training run (latest checkpoint unless ``step`` is given)."""
-    from facenet_jax import train  # Deferred: train imports the whole stack.
+def init_variables(
+    model_config: ml_collections.ConfigDict, rng: jax.Array, image_shape: tuple[int, int, int]
+) -> dict[str, Any]:
+    """The model's initial ``{"params", "batch_stats"}`` for images [1, H, W, C] (as training's
+    step 0 initialises them with the same ``rng``)."""
+    model = models.create_model(model_config)
+    init = jax.jit(functools.partial(model.init, train=False))
+    return dict(init(rng, jnp.zeros((1, *image_shape), jnp.float32)))
 
+
+def _image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    return (config.data.image_size, config.data.image_size, config.data.channels)
+
+
+def load_embedder(
+    workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None
+) -> Embedder:
+    """The network of a training run at its newest intact checkpoint (or at ``step``)."""
     config = checkpoints.load_config(workdir)
     manager = checkpoints.create_manager(workdir, config)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint found in {workdir!r}/checkpoints")
-    d = config.data
-    # Shapes only (no compilation, no memory): the restore target.
-    abstract = jax.eval_shape(
-        lambda: checkpoints.state_to_dict(
-            train.create_train_state(
-                config, jax.random.key(0), (d.image_size, d.image_size, d.channels)
+    try:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint found in {workdir!r}/checkpoints")
+        # The restore target, shapes only: the saved tree (optimiser state included, so no
+        # optimiser is built here) with the variables as this config's model has them.
+        saved = manager.item_metadata(step if step in steps else steps[-1]).tree
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(saved))
+        target.update(
+            jax.eval_shape(
+                lambda: init_variables(config.model, jax.random.key(0), _image_shape(config))
             )
         )
-    )
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
-    restored = manager.restore(step, args=ocp.args.StandardRestore(target))
-    manager.close()
-    return Embedder(config, restored["params"], restored["batch_stats"], int(step))
+        restored, step = checkpoints.restore(manager, target, workdir, step, config=config)
+    finally:
+        manager.close()
+    return Embedder(config, restored["params"], restored["batch_stats"], step, mesh)
 
 
-def untrained_embedder(workdir: str) -> Embedder:
+def run_dataset(config: ml_collections.ConfigDict, root: str | None = None):
+    """The ``FaceDataset`` a run was trained and evaluated on (``config.data``, ``config.seed``);
+    ``root`` points its folder source elsewhere, e.g. when the images moved."""
+    from facenet_jax.data import input_pipeline
+
+    if root:
+        config = config.copy_and_resolve_references()
+        config.data.root = root
+    return input_pipeline.create_dataset(config)
+
+
+def untrained_embedder(workdir: str, mesh: jax.sharding.Mesh | None = None) -> Embedder:
     """The run's network at initialisation: same config and seed as its step 0, no training.
 
     This is the untrained baseline that ``eval.json`` reports next to the trained network.
     """
-    from facenet_jax import train  # Deferred: train imports the whole stack.
-
     config = checkpoints.load_config(workdir)
-    d = config.data
-    state = train.create_train_state(
-        config, jax.random.key(config.seed), (d.image_size, d.image_size, d.channels)
-    )
-    return Embedder(config, state.params, state.batch_stats, 0)
+    v = init_variables(config.model, jax.random.key(config.seed), _image_shape(config))
+    return Embedder(config, v["params"], v["batch_stats"], 0, mesh)

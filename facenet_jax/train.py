@@ -32,9 +32,9 @@ from flax.training import train_state
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from facenet_jax import checkpoints, losses, metric_logging, models, parallel
-from facenet_jax.data import input_pipeline, sampling
-from facenet_jax.evaluate import plots, verification
+from facenet_jax import checkpoints, inference, losses, metric_logging, models, parallel
+from facenet_jax.data import input_pipeline
+from facenet_jax.evaluate import report
 
 AXIS = parallel.DATA_AXIS
 MINING_SCOPES = ("local", "global")
@@ -226,50 +226,7 @@ def make_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     return jax.jit(step, donate_argnums=(0,))
 
 
-def embed_step(state: TrainState, images: jax.Array) -> jax.Array:
-    """[B_local, H, W, C] -> [B_local, d] unit embeddings with BatchNorm running statistics."""
-    return state.apply_fn(
-        {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
-    )
-
-
-def make_embed_fn(mesh: jax.sharding.Mesh):
-    return jax.jit(
-        jax.shard_map(
-            embed_step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS), check_vma=False
-        )
-    )
-
-
 # ----------------------------------------------------------------------------- evaluation
-
-
-def embed_split(
-    state: TrainState,
-    dataset: input_pipeline.FaceDataset,
-    split: str,
-    batch_size: int,
-    mesh: jax.sharding.Mesh,
-    embed_fn=None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Embeds every image of a split once, sharded over the mesh.
-
-    Returns:
-      embeddings [N, d], labels [N], groups [N] (padding rows removed).
-    """
-    n_dev = mesh.devices.size
-    batch_size = -(-batch_size // n_dev) * n_dev
-    embed_fn = embed_fn or make_embed_fn(mesh)
-    rows = sampling.process_slice(batch_size, jax.process_index(), jax.process_count())
-    embs, labels, groups = [], [], []
-    for batch in dataset.eval_batches(split, batch_size):
-        images = parallel.shard_batch({"image": batch["image"][rows]}, mesh)["image"]
-        emb = parallel.gather_to_host(embed_fn(state, images))
-        keep = batch["label"] != -1
-        embs.append(emb[keep])
-        labels.append(batch["label"][keep])
-        groups.append(batch["group"][keep])
-    return np.concatenate(embs), np.concatenate(labels), np.concatenate(groups)
 
 
 def evaluate(
@@ -277,23 +234,13 @@ def evaluate(
     dataset: input_pipeline.FaceDataset,
     config: ml_collections.ConfigDict,
     mesh: jax.sharding.Mesh,
-    embed_fn=None,
-) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray, np.ndarray, float]]:
-    """Verification on same/different pairs of the eval split.
-
-    Returns:
-      (metrics, (pair distances [N], issame [N], embeddings [M, d], labels [M])).
-    """
-    e = config.eval
-    emb, labels, _ = embed_split(state, dataset, e.split, e.batch_size, mesh, embed_fn)
-    i, j, issame = verification.sample_pairs(labels, e.num_pairs, seed=config.seed)
-    dist = verification.pair_distances(emb, i, j)
-    metrics = verification.verification_metrics(
-        dist, issame, num_folds=e.num_folds, seed=config.seed
-    )
-    metrics["num_images"] = int(len(labels))
-    metrics["num_identities"] = int(len(np.unique(labels)))
-    return metrics, (dist, issame, emb, labels)
+) -> report.Report:
+    """The run's evaluation of ``state``: verification on same/different pairs of
+    ``config.eval.split`` (``report.evaluate_split``), embedded by an ``inference.Embedder`` of
+    the state's variables, the batch split over ``mesh``."""
+    step = int(jax.device_get(state.step))
+    embedder = inference.Embedder(config, state.params, state.batch_stats, step, mesh)
+    return report.evaluate_split(embedder, dataset, config)
 
 
 def _on_all_processes(flag: bool) -> bool:
@@ -303,13 +250,6 @@ def _on_all_processes(flag: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- main loop
@@ -347,7 +287,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     rng = jax.random.key(config.seed)
     state = parallel.replicate(create_train_state(config, rng, dataset.image_shape), mesh)
     manager = checkpoints.create_manager(workdir, config)
-    embed_fn = make_embed_fn(mesh)
 
     baseline_path = os.path.join(workdir, "eval_baseline.json")
     baseline = None
@@ -356,11 +295,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             with open(baseline_path) as f:
                 baseline = json.load(f)
         else:  # The untrained network: same init as the run (same seed).
-            baseline, (b_dist, b_same, _, _) = evaluate(state, dataset, config, mesh, embed_fn)
-            b_far, b_tar, _ = verification.roc_curve(b_dist, b_same)
-            baseline["roc"] = {"far": b_far.tolist(), "tar": b_tar.tolist()}
+            untrained = evaluate(state, dataset, config, mesh)
+            baseline = report.run_record(untrained) | {"roc": report.roc(untrained)}
             if is_chief:
-                _write_json(baseline_path, baseline)
+                report.write_json(baseline_path, baseline)
 
     state = checkpoints.restore_latest(manager, state, workdir)
     start_step = int(jax.device_get(state.step))
@@ -409,7 +347,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if step % t.checkpoint_every == 0 or step == t.num_steps:
             checkpoints.save(manager, state)
         if t.eval_every and step % t.eval_every == 0 and step != t.num_steps:
-            m, _ = evaluate(state, dataset, config, mesh, embed_fn)
+            m = report.run_record(evaluate(state, dataset, config, mesh))
             writer.write(step, {f"eval/{k}": v for k, v in m.items()})
     if progress is not None:
         progress.close()
@@ -417,27 +355,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         batches.close()
 
     # --- final evaluation
-    final, (dist, issame, emb, labels) = evaluate(state, dataset, config, mesh, embed_fn)
-    final["step"] = int(jax.device_get(state.step))
+    trained = evaluate(state, dataset, config, mesh)
+    final = report.run_record(trained) | {"step": int(jax.device_get(state.step))}
     writer.write(final["step"], {f"eval/{k}": v for k, v in final.items() if k != "step"})
     writer.close()
     if is_chief:
-        far, tar, _ = verification.roc_curve(dist, issame)
-        curves = {f"trained (AUC {final['auc']:.3f})": (far, tar)}
-        if baseline is not None:
-            curves[f"untrained (AUC {baseline['auc']:.3f})"] = (
-                np.asarray(baseline["roc"]["far"]),
-                np.asarray(baseline["roc"]["tar"]),
-            )
-        plots.plot_roc(curves, os.path.join(workdir, "roc.png"))
-        plots.plot_distance_histograms(
-            dist, issame, final["threshold"], os.path.join(workdir, "distances.png")
-        )
-        plots.plot_embeddings_2d(emb, labels, os.path.join(workdir, "embeddings.png"))
-        result = {"trained": final}
-        if baseline is not None:
-            result["untrained"] = {k: v for k, v in baseline.items() if k != "roc"}
-        _write_json(os.path.join(workdir, "eval.json"), result)
+        report.write_run(workdir, trained, final, baseline)
     manager.close()
     _log_summary(final, baseline, config)
     return final
@@ -465,16 +388,7 @@ def collapse_message(metrics: dict[str, Any]) -> str | None:
 
 
 def _log_summary(final: dict[str, Any], baseline: dict[str, Any] | None, config) -> None:
-    lines = [f"verification on split {config.eval.split!r} ({final['num_identities']} identities)"]
-    for name, m in (("untrained", baseline), ("trained", final)):
-        if m is None:
-            continue
-        lines.append(
-            f"  {name:9s}: accuracy {m['accuracy']:.4f}  "
-            f"10-fold {m['kfold_accuracy_mean']:.4f} +- {m['kfold_accuracy_std']:.4f}  "
-            f"ROC AUC {m['auc']:.4f}  EER {m['eer']:.4f}  threshold {m['threshold']:.4f}"
-        )
-    text = "\n".join(lines)
+    text = report.summary(final, baseline, config.eval.split)
     logging.info("%s", text)
     if jax.process_index() == 0:
         print(text, flush=True)

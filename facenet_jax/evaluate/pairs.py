@@ -25,9 +25,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from facenet_jax.data.files import IMAGE_EXTENSIONS
 from facenet_jax.evaluate import verification
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # Tried in order when resolving LFW image paths.
 _TRUE = {"1", "true", "same", "yes", "match", "genuine"}
 _FALSE = {"0", "-1", "false", "different", "diff", "no", "mismatch", "impostor"}
 
