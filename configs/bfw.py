@@ -13,7 +13,7 @@ from configs import default
 def get_config():
     config = default.get_config()
     d = config.data
-    d.source = "folder"  # An image tree on disk, prepared once (facenet_jax/folder_builder.py).
+    d.source = "folder"  # An image tree on disk, prepared once (facenet_jax/data/folder.py).
     d.root = "../shared/data/bfw"  # From the working directory, else from the repository root.
     d.group_depth = 1  # bfw/<group>/<identity>/<image>.jpg: groups are the demographic folders.
     d.image_size = 64  # 108x124 crops squeezed to 64x64: trains in reasonable time on 2 CPU cores.

@@ -2,7 +2,7 @@
 
 The 8x8 digits ship inside scikit-learn, so this runs on any machine with no internet. Each of the
 100 numbers 00..99 is an identity, written as two digit images side by side (source digit_pairs,
-facenet_jax/input_pipeline.py). 80 numbers train; 10 test numbers are never seen in training and
+facenet_jax/data/digits.py). 80 numbers train; 10 test numbers are never seen in training and
 are written with digit images never seen in training either: verification on them is the
 one-shot setting, where the embedding must separate people (numbers) it has never seen.
 `configs/digits.py` is the harder single-digit variant (train on digits 0-6, verify on 7-9).

@@ -17,7 +17,7 @@ from configs import default
 def get_config():
     config = default.get_config()
     d = config.data
-    d.source = "folder"  # An image tree on disk, prepared once into ArrayRecord (folder_builder).
+    d.source = "folder"  # An image tree on disk, prepared once into ArrayRecord (data/folder.py).
     d.root = ""  # Required: set --config.data.root to ROOT/[<group>/]<identity>/<image>.
     d.image_size = 112  # 112x112 face crops: the common size for aligned-face embedding models.
     d.channels = 3  # RGB faces.
