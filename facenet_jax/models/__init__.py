@@ -13,7 +13,10 @@ import flax.linen as nn
 import ml_collections
 
 from facenet_jax.models.head import POOLINGS, EmbeddingHead
+from facenet_jax.models.inception_resnet import InceptionResNetV1
+from facenet_jax.models.iresnet import IResNet
 from facenet_jax.models.layers import DTYPES, batch_norm, l2_normalize
+from facenet_jax.models.mobilefacenet import MobileFaceNet
 from facenet_jax.models.resnet import ResidualBlock, ResNet
 from facenet_jax.models.small_cnn import SmallCNN
 
@@ -22,6 +25,9 @@ __all__ = [
     "MODELS",
     "POOLINGS",
     "EmbeddingHead",
+    "IResNet",
+    "InceptionResNetV1",
+    "MobileFaceNet",
     "ResNet",
     "ResidualBlock",
     "SmallCNN",
@@ -35,6 +41,12 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet10": functools.partial(ResNet, stage_sizes=(1, 1, 1, 1)),
     "resnet18": functools.partial(ResNet, stage_sizes=(2, 2, 2, 2)),
     "resnet34": functools.partial(ResNet, stage_sizes=(3, 4, 6, 3)),
+    # Face backbones at their published widths: inception_resnet_v1 32, mobilefacenet and ir* 64.
+    "inception_resnet_v1": InceptionResNetV1,
+    "mobilefacenet": MobileFaceNet,
+    "ir18": functools.partial(IResNet, stage_sizes=(2, 2, 2, 2)),
+    "ir34": functools.partial(IResNet, stage_sizes=(3, 4, 6, 3)),
+    "ir50": functools.partial(IResNet, stage_sizes=(3, 4, 14, 3)),
 }
 
 
