@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from facenet_jax import identification, inference
+from facenet_jax.data import spec
 from facenet_jax.evaluate import pairs, report, similarity_head, verification
 
 log = logging.getLogger("facenet_jax.cli")
@@ -229,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--flip", action="store_true", help="add the mirror image's embedding")
     common.add_argument(
         "--crop",
-        choices=("none", "center", "detect"),
+        choices=spec.CROPS,
         default=None,
         help="face crop (default: the run's config.data.crop)",
     )
