@@ -3,11 +3,15 @@
 One named axis, ``DATA_AXIS``, spans every device of every process. Parameters and optimiser state
 are replicated on it, batches are split along it. Collectives (``pmean``, ``psum``,
 ``all_gather``) appear only inside the step functions, on this axis.
+
+``PreemptionWatcher`` turns SIGTERM / SIGINT into a step at which every process stops together.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from typing import Any
 
 import jax
@@ -124,3 +128,86 @@ def gather_to_host(x: jax.Array) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+# ----------------------------------------------------------------------------- preemption
+
+
+class PreemptionWatcher:
+    """While active, SIGTERM and SIGINT ask training to stop after the current step.
+
+    ``reached(step)`` is called once per step by every process and says whether to save and stop
+    at that step:
+      * one process: as soon as a signal arrived (a Python handler records it);
+      * several processes: at the step JAX's preemption service agrees on
+        (``multihost_utils.reached_preemption_sync_point``): a SIGTERM on any host is propagated
+        to all and they stop at the same step. JAX listens to SIGTERM itself, so only SIGINT gets
+        a handler here, which forwards it to this process as SIGTERM.
+    A second Ctrl-C raises KeyboardInterrupt at once. Handlers are installed from the main thread
+    only (elsewhere signals keep their default behaviour) and restored on exit.
+    """
+
+    def __init__(self):
+        self.signal_number: int | None = None
+        self._previous: dict[int, Any] = {}
+        self._multi = False
+        self._announced = False
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signal_number or signal.SIGTERM).name
+
+    def __enter__(self) -> PreemptionWatcher:
+        self._multi = jax.process_count() > 1
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        if self._multi and not _preemption_service_available():
+            logging.warning(
+                "JAX's preemption service is off (jax_enable_preemption_service): SIGTERM and "
+                "SIGINT stop this multi-process run without a checkpoint"
+            )
+            return self
+        for signum in (signal.SIGINT,) if self._multi else (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.signal_number == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: the user does not want to wait.
+        if self.signal_number is None:
+            self.signal_number = signum
+        if self._multi:  # Hand it to JAX's SIGTERM listener, which tells every process.
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def reached(self, step: int) -> bool:
+        """True at the step where this process (and every other) must save and stop."""
+        if self._multi:
+            from jax.experimental import multihost_utils
+
+            try:
+                stop = multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError:  # Preemption service off.
+                stop = False
+            if stop and self.signal_number is None:
+                self.signal_number = signal.SIGTERM  # Another host was preempted.
+        else:
+            stop = self.signal_number is not None
+        if stop and not self._announced:
+            self._announced = True
+            logging.warning(
+                "%s received: saving a checkpoint at step %d, then stopping",
+                self.signal_name,
+                step,
+            )
+        return stop
+
+
+def _preemption_service_available() -> bool:
+    from jax._src import distributed  # No public accessor in JAX 0.10.
+
+    return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
