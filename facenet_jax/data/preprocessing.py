@@ -11,6 +11,8 @@ through ``preprocess_image``, so a face is seen the same way at training and at 
            ``center_crop_fraction * min(H, W)`` | detect = square around the face box, enlarged by
            ``detect_margin``, center crop when no face was found
         -> bilinear (antialiased) resize of the box to ``image_size x image_size``
+           (align instead: the similarity warp of the face's 5 landmarks onto the ArcFace
+           template, ``alignment.py``; landmarks cached per content; center crop when no face)
         -> x / 255 * 2 - 1.
 """
 
@@ -23,7 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from facenet_jax.data import face_detection
+from facenet_jax.data import alignment, face_detection
 from facenet_jax.data.spec import DataSpec, as_spec
 
 # What Pillow raises on a corrupt, truncated or hostile file.
@@ -187,6 +189,7 @@ def crop_box(
     ``face_box`` is the detector's box as fractions of the image (see
     ``face_detection.detect_relative``), or None / negative entries when no face was found. Returns
     ``(box, fallback)`` where ``fallback`` is True when crop=detect fell back to the center crop.
+    crop=align uses no box: this is its center-crop fallback for images without a face.
     """
     spec = as_spec(spec)
     if spec.crop == "none":
@@ -196,7 +199,7 @@ def crop_box(
         box = (y0 * height, x0 * width, y1 * height, x1 * width)
         return face_detection.face_crop_box(box, height, width, spec.detect_margin), False
     center = face_detection.center_crop_box(height, width, spec.center_crop_fraction)
-    return center, spec.crop == "detect"
+    return center, spec.crop in ("detect", "align")
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
@@ -234,6 +237,10 @@ def preprocess_image(
     size, channels = spec.image_size, spec.channels
     reduce = 1
     hw = _jpeg_size(data)
+    if spec.crop == "align":
+        landmarks = face_landmarks(data, spec, hw)
+        if landmarks is not None:
+            return aligned_image(data, spec, landmarks, hw)
     if hw is not None:
         (y0, x0, y1, x1), _ = crop_box(hw[0], hw[1], spec, face_box)
         side = min(y1 - y0, x1 - x0)
@@ -252,6 +259,48 @@ def preprocess_image(
         interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR,
     )
     return to_unit_range(out.reshape(size, size, channels), 255.0)
+
+
+DETECT_SIDE = 640  # crop=align: large JPEGs are searched for landmarks at >= this long side.
+
+
+def face_landmarks(
+    data: bytes, spec: DataSpec, hw: tuple[int, int] | None = None
+) -> np.ndarray | None:
+    """crop=align: the 5 landmarks [5, 2] of the face in encoded ``data``, None when no face.
+
+    Fractions of the image (``alignment.to_relative``) from the detector ``spec.detector``, read
+    from the landmark cache (``alignment.cached_landmarks``, keyed by the bytes' SHA-1) or found on
+    the RGB decode (large JPEGs at the 1/2^n DCT scale that keeps the long side >= DETECT_SIDE).
+    ``hw``: the JPEG's (height, width) when the caller has it.
+    """
+    hw = _jpeg_size(data) if hw is None else hw
+    reduce = 1
+    while hw is not None and reduce < 8 and max(hw) / (2 * reduce) >= DETECT_SIDE:
+        reduce *= 2
+    return alignment.cached_landmarks(data, lambda: decode(data, 3, reduce), spec.detector)
+
+
+def aligned_image(
+    data: bytes, spec: DataSpec, landmarks: np.ndarray, hw: tuple[int, int] | None = None
+) -> np.ndarray:
+    """crop=align: ``alignment.align`` of the decoded ``data`` -> [S, S, C] float32 in [-1, 1].
+
+    A JPEG is decoded at the smallest 1/2^n scale at which the warp still shrinks the face
+    (scale s * 2^n <= 1), as the crop path keeps the crop >= image_size pixels.
+    """
+    size, reduce = spec.image_size, 1
+    if hw is not None:
+        full = alignment.similarity_transform(
+            alignment.to_pixels(landmarks, *hw), alignment.template(size, spec.align_margin)
+        )
+        scale = float(np.hypot(full[0, 0], full[1, 0]))
+        while reduce < 8 and scale * 2 * reduce <= 1.0:
+            reduce *= 2
+    arr = decode(data, spec.channels, reduce)
+    points = alignment.to_pixels(landmarks, *arr.shape[:2])
+    out = alignment.align(arr, points, size, spec.align_margin)
+    return to_unit_range(out.reshape(size, size, spec.channels), 255.0)
 
 
 def canonical_face(data: bytes, detector: str = "") -> tuple[bytes, Box | None]:
@@ -285,6 +334,8 @@ def load_image_bytes(data: bytes, spec: DataSpec, name: str = "<bytes>") -> np.n
         raise ValueError(f"image file {name}: {e}") from e
     if spec.crop == "detect" and face_box is None:
         logging.warning("crop=detect: no face found in %s; using the center crop", name)
+    if spec.crop == "align" and face_landmarks(stored, spec) is None:
+        logging.warning("crop=align: no face found in %s; using the center crop", name)
     return preprocess_image(stored, spec, face_box)
 
 

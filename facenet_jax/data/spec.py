@@ -25,9 +25,9 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
-from facenet_jax.data import face_detection
+from facenet_jax.data import alignment, face_detection
 
-CROPS = ("none", "center", "detect")  # config.data.crop; see preprocessing.crop_box.
+CROPS = ("none", "center", "detect", "align")  # config.data.crop; see preprocessing.crop_box.
 AUGMENTATIONS = ("random_crop", "flip", "color")  # config.data.augment; see preprocessing.
 SPLIT_BY = ("identity", "image")  # config.data.split_by; see splits.split_indices.
 
@@ -57,6 +57,7 @@ class DataSpec:
     crop: str
     detector: str
     detect_margin: float
+    align_margin: float
     center_crop_fraction: float
     identities_per_batch: int
     images_per_identity: int
@@ -92,6 +93,14 @@ class DataSpec:
             self.detector,
         )
         _check(self.detect_margin >= 0, "detect_margin", "must be >= 0", self.detect_margin)
+        _check(self.align_margin > -1, "align_margin", "must be > -1", self.align_margin)
+        landmarks = list(alignment.LANDMARK_DETECTORS)
+        _check(
+            self.crop != "align" or self.detector in landmarks,
+            "detector",
+            f"crop='align' needs a 5-landmark detector; allowed: {landmarks}",
+            self.detector,
+        )
         _check(
             0 < self.center_crop_fraction <= 1,
             "center_crop_fraction",

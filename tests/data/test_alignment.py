@@ -325,3 +325,146 @@ def test_bfw_crops_and_their_uncropped_photos_align_alike():
         assert abs(alignment.eye_angle(out)) < 5.0
     print(f"\nBFW tight vs uncropped aligned {size}x{size}: mean abs error per image", errors)
     assert np.mean(errors) < 0.08, errors
+
+
+# ------------------------------------------------------ preprocessing and datasets
+
+
+@pytest.fixture
+def fake_landmarks(tmp_path, monkeypatch):
+    """Detector "fake": landmarks of ``FACE`` at 60 % of the image's width, none in dark images.
+
+    Registered for boxes and landmarks; the landmark cache lives in tmp_path.
+    """
+    from facenet_jax.data import face_detection
+
+    calls = []
+
+    def make():
+        def detect(image):
+            calls.append(image.shape)
+            if image.mean() < 100:
+                return None
+            h, w = image.shape[:2]
+            return alignment.apply_transform(similarity(0.6 * w / 100, 0.0, w / 2, h / 2), FACE)
+
+        return detect
+
+    monkeypatch.setenv("FACENET_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(alignment.LANDMARK_DETECTORS, "fake", make)
+    monkeypatch.setitem(face_detection.DETECTORS, "fake", lambda: lambda image: None)
+    alignment.get_landmark_detector.cache_clear()
+    yield calls
+    alignment.get_landmark_detector.cache_clear()
+
+
+def align_spec(**fields):
+    from configs import default
+    from facenet_jax.data.spec import DataSpec
+
+    config = default.get_config()
+    config.data.update({"crop": "align", "detector": "fake", "channels": 3, "image_size": 32})
+    config.data.update(fields)
+    return DataSpec.from_config(config.data)
+
+
+def encode(image: np.ndarray, ext: str) -> bytes:
+    ok, buf = cv2.imencode(
+        ext, np.ascontiguousarray(image[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 98]
+    )
+    assert ok
+    return buf.tobytes()
+
+
+def test_preprocess_image_aligns_through_the_cache(fake_landmarks):
+    from facenet_jax.data import preprocessing
+
+    spec = align_spec()
+    h, w = 150, 200
+    landmarks = alignment.apply_transform(similarity(0.6 * w / 100, 0.0, w / 2, h / 2), FACE)
+    photo = np.repeat(blob_face(h, w, landmarks, 3.0)[..., None], 3, axis=-1) // 2 + 120
+    data = encode(photo, ".png")
+    got = preprocessing.preprocess_image(data, spec)
+    expected = preprocessing.to_unit_range(alignment.align(photo, landmarks, 32), 255.0)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    assert len(fake_landmarks) == 1
+    np.testing.assert_allclose(preprocessing.preprocess_image(data, spec), got)
+    assert len(fake_landmarks) == 1, "the second call reads the landmark cache"
+
+
+def test_a_large_jpeg_is_decoded_reduced_and_lands_on_the_template(fake_landmarks):
+    from facenet_jax.data import preprocessing
+
+    spec = align_spec(channels=1, image_size=64)
+    h, w = 1200, 1600  # Detection at 1/2 scale (long side >= 640), the warp's decode at 1/8.
+    landmarks = alignment.apply_transform(similarity(0.6 * w / 100, 0.0, w / 2, h / 2), FACE)
+    photo = np.repeat(blob_face(h, w, landmarks, 20.0)[..., None], 3, axis=-1) // 2 + 120
+    out = preprocessing.preprocess_image(encode(photo, ".jpg"), spec)
+    assert out.shape == (64, 64, 1) and fake_landmarks == [(600, 800, 3)]
+    target = alignment.template(64)
+    found = blob_centres(out[..., 0] + 1.0 - (120 * 2 / 255 - 1), target, radius=4)
+    assert np.abs(found - target).max() < 1.0
+
+
+def test_no_face_falls_back_to_the_center_crop_named_in_the_log(fake_landmarks, tmp_path, caplog):
+    import dataclasses
+
+    from facenet_jax.data import preprocessing
+
+    spec = align_spec()
+    dark = np.full((60, 80, 3), 30, np.uint8)
+    dark[10:50, 20:60] = 90
+    path = tmp_path / "dark.png"
+    path.write_bytes(encode(dark, ".png"))
+    center = preprocessing.load_image(str(path), dataclasses.replace(spec, crop="center"))
+    np.testing.assert_array_equal(preprocessing.load_image(str(path), spec), center)
+    assert any("crop=align: no face found in " + str(path) in r.message for r in caplog.records)
+
+
+def test_align_needs_a_landmark_detector():
+    from configs import default
+    from facenet_jax.data.spec import DataSpec
+
+    config = default.get_config()
+    config.data.update(crop="align", detector="haar")
+    with pytest.raises(ValueError, match="config.data.detector.*5-landmark.*mtcnn"):
+        DataSpec.from_config(config.data)
+    config.data.update(crop="align", detector="mtcnn", align_margin=-1.0)
+    with pytest.raises(ValueError, match="align_margin"):
+        DataSpec.from_config(config.data)
+
+
+def test_folder_dataset_counts_and_names_align_fallbacks(tree, fake_landmarks, tmp_path, caplog):
+    from PIL import Image
+
+    from facenet_jax.data import input_pipeline, preprocessing
+    from facenet_jax.data.spec import DataSpec
+    from tests.data import trees
+
+    root, good, _, _ = tree
+    misses = sorted(
+        rel
+        for rel in good
+        if np.asarray(preprocessing.to_mode(Image.open(os.path.join(root, rel)), 3)).mean() < 100
+    )
+    assert 0 < len(misses) < len(good)
+    config = trees.folder_config(root, str(tmp_path / "tfds"), crop="align", detector="fake")
+    config.data.augment = ()
+    ds = input_pipeline.create_dataset(config)
+    assert ds.split_info("test")["crop_fallbacks"] == len(misses)
+    named = [r.message for r in caplog.records if "crop=align: no face found in " in r.message]
+    assert sorted(m.rsplit(" in ", 1)[1].split(";")[0] for m in named) == misses
+    calls = len(fake_landmarks)
+    assert calls == len(good)
+    # Training reads the cache the survey filled, and a file loads as its record does.
+    batch = next(iter(ds.eval_batches("train", 64)))
+    assert batch["image"].shape[1:] == (16, 16, 3)
+    assert len(fake_landmarks) == calls
+    spec = DataSpec.from_config(config.data)
+    first = sorted(set(good) - set(misses))[0]
+    with open(os.path.join(root, first), "rb") as f:
+        stored, _ = preprocessing.canonical_face(f.read())
+    np.testing.assert_array_equal(
+        preprocessing.load_image(os.path.join(root, first), spec),
+        preprocessing.preprocess_image(stored, spec),
+    )
