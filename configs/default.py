@@ -38,9 +38,10 @@ def get_config() -> ml_collections.ConfigDict:
     data.test_fraction = 0.1  # Fraction of identities held out for test (not source=digits).
     data.image_size = 16  # Model input is image_size x image_size.
     data.channels = 1  # 1 = grey, 3 = RGB; images are converted on decode.
-    data.crop = "none"  # none | center | detect (MTCNN face box, center-crop fallback).
-    data.detector = "mtcnn"  # crop=detect: face detector (face_detection.DETECTORS): mtcnn | haar.
+    data.crop = "none"  # none | center | detect (MTCNN box) | align (5 landmarks, ArcFace layout).
+    data.detector = "mtcnn"  # crop=detect: mtcnn | haar (face_detection.DETECTORS); align: mtcnn.
     data.detect_margin = 0.2  # crop=detect: the square crop enlarges the face box by this fraction.
+    data.align_margin = 0.0  # crop=align: crop side / ArcFace's (0 = ArcFace's, BFW's framing).
     data.center_crop_fraction = 1.0  # crop=center: side of the central square crop / image side.
     data.identities_per_batch = 6  # P: identities in each global batch (of 80 training numbers).
     data.images_per_identity = 16  # K (>= 2): images of each identity in each global batch.
