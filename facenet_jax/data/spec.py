@@ -69,11 +69,18 @@ class DataSpec:
     prefetch: int
 
     def __post_init__(self):
-        for name, kind in _field_types().items():
+        """Coerces every field to its type (JSON lists -> tuples) and checks every value."""
+        for name, kind in _FIELD_TYPES.items():
             object.__setattr__(self, name, _coerce(name, getattr(self, name), kind))
-        for name in ("group_depth", "prepare_workers", "random_crop_padding", "num_workers"):
+        counts = (
+            "group_depth",
+            "prepare_workers",
+            "random_crop_padding",
+            "num_workers",
+            "prefetch",
+        )
+        for name in counts:
             _check(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
-        _check(self.prefetch >= 0, "prefetch", "must be >= 0", self.prefetch)
         _check(self.split_by in SPLIT_BY, "split_by", f"allowed: {list(SPLIT_BY)}", self.split_by)
         fractions = (self.val_fraction, self.test_fraction)
         _check(
@@ -120,7 +127,7 @@ class DataSpec:
         Raises ValueError naming every missing or unknown field, or the first invalid value.
         """
         given = dict(data.items())
-        names = set(_field_types())
+        names = set(_FIELD_TYPES)
         missing, unknown = sorted(names - set(given)), sorted(set(given) - names)
         if missing:
             raise ValueError(
@@ -150,12 +157,7 @@ class DataSpec:
         return max(2, self.min_images_per_identity)
 
 
-def _field_types() -> dict[str, Any]:
-    """{field name: its type}, in declaration order."""
-    return _FIELD_TYPES
-
-
-_FIELD_TYPES = typing.get_type_hints(DataSpec)
+_FIELD_TYPES = typing.get_type_hints(DataSpec)  # {field name: its type}, in declaration order.
 
 
 def _check(ok: bool, field: str, what: str, value: Any) -> None:
