@@ -145,25 +145,20 @@ def load_file(root: str | None, rel: str, spec: DataSpec) -> np.ndarray:
 # ------------------------------------------------------------------------------- embedder
 
 
-def embed_step(model, variables, images: jax.Array, flip: bool) -> jax.Array:
-    """images [B, H, W, C] -> [B, d] unit embeddings, BatchNorm running statistics.
-
-    With ``flip`` the embedding is ``l2_normalize(f(x) + f(mirror(x)))``, mirroring the width axis.
-    """
-    emb = model.apply(variables, images, train=False)
-    if flip:
-        mirrored = model.apply(variables, images[:, :, ::-1], train=False)
-        emb = models.l2_normalize(emb + mirrored)
-    return emb
-
-
 @functools.partial(jax.jit, static_argnames=("model", "mesh", "flip"))
 def _sharded_embed(variables, images: jax.Array, *, model, mesh, flip: bool) -> jax.Array:
-    """``embed_step`` with the variables replicated and the batch split over ``mesh``. Compiled
-    once per (model, mesh, flip, shape): every Embedder of a run shares the executables."""
-    step = functools.partial(embed_step, model, flip=flip)
+    """images [B, H, W, C] -> [B, d] unit embeddings (BatchNorm running statistics), the batch
+    split over ``mesh``; with ``flip``, ``l2_normalize(f(x) + f(mirror(x)))``. Compiled once per
+    (model, mesh, flip, shape): every Embedder of a run shares the executables."""
+
+    def embed(variables, x):
+        emb = model.apply(variables, x, train=False)
+        if flip:
+            emb = models.l2_normalize(emb + model.apply(variables, x[:, :, ::-1], train=False))
+        return emb
+
     spec = P(parallel.DATA_AXIS)
-    return jax.shard_map(step, mesh=mesh, in_specs=(P(), spec), out_specs=spec, check_vma=False)(
+    return jax.shard_map(embed, mesh=mesh, in_specs=(P(), spec), out_specs=spec, check_vma=False)(
         variables, images
     )
 
@@ -331,15 +326,13 @@ class Embedder:
             bar.update(int(keep.sum()))
         bar.close()
         n = sum(len(x) for x in labels)
-        return ImageSet(
+        root, names, cat = (
             f"{self.config.data.source}:{split}",
-            [f"{split}/{k}" for k in range(n)],
-            np.concatenate(labels),
-            list(info["identity_names"]),
-            np.concatenate(groups),
-            list(info["group_names"]),
-            np.concatenate(embs),
+            info["identity_names"],
+            np.concatenate,
         )
+        embedded = (cat(labels), list(names), cat(groups), list(info["group_names"]), cat(embs))
+        return ImageSet(root, [f"{split}/{k}" for k in range(n)], *embedded)
 
 
 # ------------------------------------------------------------------------------ loading runs
@@ -351,12 +344,13 @@ def init_variables(
     """The model's initial ``{"params", "batch_stats"}`` for images [1, H, W, C] (as training's
     step 0 initialises them with the same ``rng``)."""
     model = models.create_model(model_config)
-    init = jax.jit(functools.partial(model.init, train=False))
-    return dict(init(rng, jnp.zeros((1, *image_shape), jnp.float32)))
+    x = jnp.zeros((1, *image_shape), jnp.float32)
+    return dict(jax.jit(functools.partial(model.init, train=False))(rng, x))
 
 
-def _image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-    return (config.data.image_size, config.data.image_size, config.data.channels)
+def _init(config: ml_collections.ConfigDict, rng: jax.Array) -> dict[str, Any]:
+    d = config.data
+    return init_variables(config.model, rng, (d.image_size, d.image_size, d.channels))
 
 
 def load_embedder(
@@ -373,11 +367,7 @@ def load_embedder(
         # optimiser is built here) with the variables as this config's model has them.
         saved = manager.item_metadata(step if step in steps else steps[-1]).tree
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(saved))
-        target.update(
-            jax.eval_shape(
-                lambda: init_variables(config.model, jax.random.key(0), _image_shape(config))
-            )
-        )
+        target.update(jax.eval_shape(lambda: _init(config, jax.random.key(0))))
         restored, step = checkpoints.restore(manager, target, workdir, step, config=config)
     finally:
         manager.close()
@@ -401,5 +391,5 @@ def untrained_embedder(workdir: str, mesh: jax.sharding.Mesh | None = None) -> E
     This is the untrained baseline that ``eval.json`` reports next to the trained network.
     """
     config = checkpoints.load_config(workdir)
-    v = init_variables(config.model, jax.random.key(config.seed), _image_shape(config))
+    v = _init(config, jax.random.key(config.seed))
     return Embedder(config, v["params"], v["batch_stats"], 0, mesh)
