@@ -8,8 +8,13 @@
                                                                       or --root DIR alone)
     facenet-jax evaluate --workdir RUN --split test   (the run's own held-out identities)
     facenet-jax episodes --workdir RUN --root DIR --way 20 --shot 1
+    facenet-jax export --workdir RUN --format onnx|savedmodel|tflite|stablehlo --out PATH
 
-(or ``python -m facenet_jax.cli ...``). Images go through the run's own preprocessing
+(or ``python -m facenet_jax.cli ...``). Every command but ``export`` also takes ``--model PATH``,
+a model written by ``export``, in place of (or next to) ``--workdir``: it then embeds with that
+model, the preprocessing and threshold read from the contract ``PATH.json`` beside it.
+
+Images go through the run's own preprocessing
 (``config.data``: size, channels, crop), ``--crop`` selects another crop. A FOLDER is
 ``FOLDER/[<group>/]<identity>/<image>`` (``--group-depth``), a zip archive or a folder inside
 one, or, for ``enroll``, ``FOLDER/<name>.<ext>`` with one photo per person. ``--json`` prints one
@@ -31,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from facenet_jax import identification, inference
+from facenet_jax import export, identification, inference
 from facenet_jax.data import spec
 from facenet_jax.evaluate import pairs, report, similarity_head, verification
 
@@ -47,7 +52,8 @@ def _embed_options(args) -> dict[str, Any]:
 
 
 def _output_dir(args, name: str) -> str:
-    return args.output_dir or os.path.join(args.workdir, "cli", name)
+    run = args.workdir or os.path.dirname(os.path.abspath(args.model))
+    return args.output_dir or os.path.join(run, "cli", name)
 
 
 def _stem(path: str) -> str:
@@ -56,6 +62,17 @@ def _stem(path: str) -> str:
 
 def _finite_or_none(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
+
+
+def _run_threshold(args) -> float:
+    """The run's verification threshold: WORKDIR/eval.json, or with --model alone the one its
+    export contract recorded."""
+    if args.model and not args.workdir:
+        t = export.contract.read(args.model)["output"].get("threshold")
+        if t is None:
+            raise ValueError(f"the contract of {args.model} records no threshold; pass --threshold")
+        return float(t)
+    return report.run_threshold(args.workdir)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -76,7 +93,7 @@ def cmd_embed(args, load) -> dict:
 
 
 def cmd_verify(args, load) -> dict:
-    t = args.threshold if args.threshold is not None else report.run_threshold(args.workdir)
+    t = args.threshold if args.threshold is not None else _run_threshold(args)
     emb, _ = load().embed_files(None, [args.image1, args.image2], **_embed_options(args))
     d = float(verification.pair_distances(emb, np.array([0]), np.array([1]))[0])
     return {"image1": args.image1, "image2": args.image2, "distance": d, "threshold": t} | {
@@ -90,9 +107,7 @@ def cmd_enroll(args, load) -> dict:
     strangers = inference.list_images(args.calibrate, args.group_depth) if args.calibrate else None
     threshold = math.inf
     if strangers is None:
-        threshold = (
-            args.threshold if args.threshold is not None else report.run_threshold(args.workdir)
-        )
+        threshold = args.threshold if args.threshold is not None else _run_threshold(args)
     embedder = load()
     people = embedder.embed_set(images, **_embed_options(args))
     gallery = identification.enrol(people.embeddings, people.names, embedder.fingerprint, threshold)
@@ -199,6 +214,22 @@ def cmd_episodes(args, load) -> dict:
     )
 
 
+def cmd_export(args, load) -> dict:
+    """Exports the run's network (``facenet_jax.export``); returns where, and its contract's
+    input and output: how to feed the model."""
+    c = export.export_run(args.workdir, args.format, args.out, args.step, args.quantize)
+    return {
+        "format": c["format"],
+        "out": args.out,
+        "contract": export.contract.contract_path(args.out),
+        "bytes": c["artefact_bytes"],
+        "quantization": c["quantization"],
+        "fingerprint": c["fingerprint"],
+        "input": c["input"],
+        "output": c["output"],
+    }
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, Callable[[], Any]], dict]] = {
     "embed": cmd_embed,
     "verify": cmd_verify,
@@ -206,6 +237,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Callable[[], Any]], dict]] = {
     "identify": cmd_identify,
     "evaluate": cmd_evaluate,
     "episodes": cmd_episodes,
+    "export": cmd_export,
 }
 
 
@@ -214,7 +246,12 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, Callable[[], Any]], dict]] = {
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--workdir", required=True, help="a trained run directory")
+    common.add_argument("--workdir", default=None, help="a trained run directory")
+    common.add_argument(
+        "--model",
+        default=None,
+        help="an exported model (facenet-jax export) to embed with instead of the run's network",
+    )
     common.add_argument("--step", type=int, default=None, help="checkpoint step (default: last)")
     common.add_argument(
         "--untrained",
@@ -315,6 +352,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", type=int, default=1, help="query images per class per episode")
     p.add_argument("--episodes", type=int, default=1000)
     p.add_argument("--output-dir", default=None, help="default WORKDIR/cli/episodes-<name>")
+    p = sub.add_parser("export", help="export the run's network with its preprocessing contract")
+    p.add_argument("--workdir", required=True, help="a trained run directory")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: last)")
+    p.add_argument("--format", required=True, choices=list(export.FORMATS))
+    p.add_argument(
+        "--out", required=True, help="model file (a directory for savedmodel); contract: OUT.json"
+    )
+    p.add_argument(
+        "--quantize",
+        choices=export.QUANTIZATIONS,
+        default="none",
+        help="tflite only: float16 or dynamic-range int8 weights",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return parser
 
 
@@ -334,6 +385,10 @@ def _print_human(result: dict, indent: str = "") -> None:
 
 
 def _load_embedder(args) -> inference.Embedder:
+    if args.model:
+        if args.untrained or args.step is not None:
+            raise ValueError("--model is an exported network: --untrained / --step do not apply")
+        return export.load(args.model)
     if args.untrained:
         if args.step is not None:
             raise ValueError("--untrained and --step exclude each other")
@@ -345,9 +400,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs one subcommand; returns the exit status (2 with a one-line message on bad input)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    if args.command != "export" and not (args.workdir or args.model):
+        print(
+            f"facenet-jax {args.command}: error: --workdir or --model is required", file=sys.stderr
+        )
+        return 2
     try:
         result = COMMANDS[args.command](args, functools.partial(_load_embedder, args))
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, FileNotFoundError, OSError, export.MissingExtraError) as e:
         print(f"facenet-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     if args.json:

@@ -32,11 +32,13 @@ import numpy as np
 from facenet_jax.export import contract as contract_lib
 from facenet_jax.export import deps
 from facenet_jax.export.deps import EXTRA, MissingExtraError, require
+from facenet_jax.export.tflite import QUANTIZATIONS
 
 __all__ = [
     "EXTRA",
     "FORMATS",
     "MissingExtraError",
+    "QUANTIZATIONS",
     "export_embedder",
     "export_run",
     "format_module",

@@ -36,6 +36,8 @@ _CROP = {
     "center": "the central square of side center_crop_fraction * min(H, W)",
     "detect": "the square of side max(h, w) * (1 + detect_margin) around the face box of "
     "`detector`; the center crop when no face is found",
+    "align": "a similarity warp of the face's 5 landmarks (`detector`) onto the ArcFace template, "
+    "enlarged by align_margin (facenet_jax.data.alignment); the center crop when no face is found",
 }
 
 
@@ -71,11 +73,14 @@ def build(
     """The contract of ``artefact``, exported from ``embedder`` (an ``inference.Embedder``)."""
     spec, config = embedder.spec, embedder.config
     size, sha = artefact_digest(artefact)
-    crop = {"crop": spec.crop, "crop_means": _CROP[spec.crop]}
+    crop = {"crop": spec.crop, "crop_means": _CROP.get(spec.crop, "see data/preprocessing.py")}
     if spec.crop != "none":
         crop["center_crop_fraction"] = spec.center_crop_fraction
-    if spec.crop == "detect":
-        crop.update(detector=spec.detector, detect_margin=spec.detect_margin)
+    if spec.crop in ("detect", "align"):
+        crop["detector"] = spec.detector
+        margin = f"{spec.crop}_margin"  # detect_margin / align_margin
+        if hasattr(spec, margin):
+            crop[margin] = getattr(spec, margin)
     return {
         "version": VERSION,
         "format": fmt,
