@@ -36,3 +36,27 @@ def test_plain_onnxruntime(embedder, digits, tmp_path):
     session = ort.InferenceSession(out, providers=["CPUExecutionProvider"])
     (got,) = session.run(["embeddings"], {"images": images[:5]})
     np.testing.assert_allclose(got, embedder.embed(images[:5]), rtol=0, atol=1e-5)
+
+
+def test_plain_python_example_in_docs(embedder, digits, tmp_path, monkeypatch):
+    """docs/export.md's example (onnxruntime, NumPy and Pillow only) on two 16x16 PNGs gives
+    the package's embeddings of the same files."""
+    from PIL import Image
+
+    images, _ = digits
+    export.export_embedder(embedder, "onnx", str(tmp_path / "model.onnx"), threshold=0.5)
+    for name, x in (("a.png", images[0]), ("b.png", images[25])):
+        Image.fromarray(((x[:, :, 0] + 1) * 127.5).round().astype(np.uint8)).save(tmp_path / name)
+    docs = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "export.md")
+    with open(docs) as f:
+        text = f.read()
+    section = text[text.index("## Using the ONNX model from plain Python") :]
+    start = section.index("```python\n") + 10
+    code = section[start : section.index("\n```", start)]
+    assert len(code.splitlines()) <= 12
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code, "docs/export.md", "exec"), namespace)
+    want, _ = export.load("model.onnx").embed_files(None, ["a.png", "b.png"])
+    np.testing.assert_allclose(namespace["emb"], want, rtol=0, atol=1e-5)
+    assert namespace["d"] == pytest.approx(float(np.sum((want[0] - want[1]) ** 2)), abs=1e-5)
