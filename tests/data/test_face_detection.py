@@ -12,7 +12,7 @@ from PIL import Image
 
 from facenet_jax.data import face_detection
 
-ORL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "orl")
+ORL = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "orl")
 
 
 def test_center_crop_box():
