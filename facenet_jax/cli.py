@@ -201,16 +201,9 @@ def cmd_episodes(args, load) -> dict:
     embedder = load()
     embedded = embedder.embed_set(images, **_embed_options(args))
     out_dir = _output_dir(args, f"episodes-{_stem(args.root)}")
+    a, info = args, {"root": args.root, "fingerprint": embedder.fingerprint}
     return report.run_episodes(
-        embedded,
-        out_dir,
-        args.way,
-        args.shot,
-        args.episodes,
-        args.queries,
-        args.seed,
-        root=args.root,
-        fingerprint=embedder.fingerprint,
+        embedded, out_dir, a.way, a.shot, a.episodes, a.queries, a.seed, **info
     )
 
 
@@ -253,34 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="an exported model (facenet-jax export) to embed with instead of the run's network",
     )
     common.add_argument("--step", type=int, default=None, help="checkpoint step (default: last)")
-    common.add_argument(
-        "--untrained",
-        action="store_true",
-        help="use the run's network at initialisation (its untrained baseline) instead",
-    )
-    common.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="images per forward pass (default: the run's config.eval.batch_size)",
-    )
+    common.add_argument("--untrained", action="store_true", help="the run's step-0 network")
+    common.add_argument("--batch-size", type=int, help="default: the run's config.eval.batch_size")
     common.add_argument("--flip", action="store_true", help="add the mirror image's embedding")
-    common.add_argument(
-        "--crop",
-        choices=spec.CROPS,
-        default=None,
-        help="face crop (default: the run's config.data.crop)",
-    )
-    common.add_argument(
-        "--group-depth",
-        type=int,
-        default=0,
-        help="levels of group folders above the identity folders (BFW: 1)",
-    )
+    common.add_argument("--crop", choices=spec.CROPS, help="default: the run's config.data.crop")
+    common.add_argument("--group-depth", type=int, default=0, help="group folder levels (BFW: 1)")
     common.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    common.add_argument(
-        "--no-progress", dest="progress", action="store_false", help="no progress bars"
-    )
+    common.add_argument("--no-progress", dest="progress", action="store_false")
     common.add_argument("--seed", type=int, default=0, help="seed of sampled pairs and splits")
 
     parser = argparse.ArgumentParser(prog="facenet-jax", description=__doc__.split("\n\n")[0])
@@ -291,21 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", parents=[common], help="are two images the same person?")
     p.add_argument("image1")
     p.add_argument("image2")
-    p.add_argument(
-        "--threshold",
-        type=float,
-        default=None,
-        help="squared-distance threshold (default: the run's eval.json)",
-    )
+    p.add_argument("--threshold", type=float, help="squared distance (default: the run's)")
     p = sub.add_parser("enroll", parents=[common], help="enrol a gallery from a folder")
     p.add_argument("folder")
     p.add_argument("--out", required=True, help="gallery .npz to write")
     p.add_argument("--threshold", type=float, default=None, help="fixed rejection threshold")
-    p.add_argument(
-        "--calibrate",
-        default=None,
-        help="labelled folder of other identities: calibrate the threshold for --far",
-    )
+    p.add_argument("--calibrate", help="folder of other people: calibrate for --far on them")
     p.add_argument("--far", type=float, default=1e-3, help="target false-accept rate")
     p.add_argument(
         "--calibrate-for",
@@ -322,28 +285,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", default=None, help="LFW-format pairs.txt")
     p.add_argument("--csv", default=None, help="CSV of path1,path2,label[,fold]")
     p.add_argument("--root", default=None, help="image root (alone: evaluate the whole tree)")
-    p.add_argument(
-        "--split",
-        default=None,
-        help="evaluate a split of the run's own dataset (test: its unseen identities; val; train)",
-    )
+    p.add_argument("--split", help="a split of the run's own dataset (test, val, train)")
     p.add_argument("--folds", type=int, default=10, help="folds when the pairs define none")
     p.add_argument("--num-pairs", type=int, default=6000, help="tree mode: pairs to sample")
     p.add_argument(
         "--impostors",
         choices=report.IMPOSTORS,
         default="group",
-        help="tree/split mode with groups: impostor pairs within the probe's group (BFW "
-        "protocol) or from any identity (what training's own evaluation uses)",
+        help="with groups: impostors within the probe's group (BFW) or any (training's)",
     )
     p.add_argument("--far", type=float, default=1e-3, help="tree mode: open-set target FAR")
     p.add_argument("--shot", type=int, default=1, help="tree mode: open-set images enrolled")
-    p.add_argument(
-        "--head-train",
-        default=None,
-        help="folder of other (training) identities: also score the pairs with a logistic-"
-        "regression similarity head fitted there",
-    )
+    p.add_argument("--head-train", help="folder of other people: fit a similarity head there")
     p.add_argument("--output-dir", default=None, help="default WORKDIR/cli/evaluate-<name>")
     p = sub.add_parser("episodes", parents=[common], help="N-way K-shot episodes")
     p.add_argument("--root", required=True)
