@@ -126,7 +126,8 @@ def export_run(
     from facenet_jax import inference
     from facenet_jax.evaluate import report
 
-    format_module(fmt)  # Unknown formats fail before the run is restored.
+    for module in format_module(fmt).REQUIRES:  # Unknown formats and a missing extra fail
+        require(module, f"--format={fmt}")  # before the run is restored.
     embedder = inference.load_embedder(workdir, step)
     try:
         threshold = report.run_threshold(workdir)

@@ -25,6 +25,7 @@ from facenet_jax.export.deps import require
 
 INPUT, OUTPUT = "images", "embeddings"
 OPSET = 17  # ONNX 1.12+ / onnxruntime 1.13+.
+REQUIRES = (*tflite.REQUIRES[:-1], "tf2onnx", "onnx", "onnxruntime")  # export() and load().
 
 
 def rename(model, names: dict[str, str]) -> None:

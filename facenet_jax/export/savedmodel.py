@@ -20,6 +20,7 @@ from facenet_jax.export.deps import require
 
 INPUT, OUTPUT = "images", "embeddings"  # The serving signature's tensor names.
 PLATFORMS = ("cpu",)  # XlaCallModule platforms: TF on CPU, and what TFLite converts.
+REQUIRES = ("tensorflow", "jax.experimental.jax2tf")  # Modules export() and load() import.
 
 
 def tf_module(fn: Callable, image_shape: tuple[int, int, int], purpose: str):

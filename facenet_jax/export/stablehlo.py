@@ -22,6 +22,7 @@ import numpy as np
 from facenet_jax.export.deps import require
 
 PLATFORMS = ("cpu", "cuda", "tpu")
+REQUIRES = ("flatbuffers",)  # Modules export() and load() import (the export extra).
 
 
 def export(fn: Callable, image_shape: tuple[int, int, int], out: str) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from facenet_jax.export import savedmodel
 from facenet_jax.export.deps import require
 
 QUANTIZATIONS = ("none", "float16", "dynamic_int8")
+REQUIRES = (*savedmodel.REQUIRES, "ai_edge_litert.interpreter")  # export() and load() import.
 
 
 def convert(

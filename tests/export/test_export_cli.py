@@ -115,3 +115,23 @@ def test_errors_are_one_line(workdir, capsys, tmp_path):
     assert "no export contract" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["export", "--workdir", workdir, "--format", "caffe", "--out", missing])
+
+
+def test_missing_extra_is_named_before_restoring(workdir, capsys, tmp_path, monkeypatch):
+    """Without the extra, ``export`` stops with one line naming it (the run is not restored)."""
+    import importlib as il
+
+    real = il.import_module
+
+    def no_tensorflow(name, *args):
+        if name.split(".")[0] == "tensorflow":
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args)
+
+    monkeypatch.setattr(il, "import_module", no_tensorflow)
+    monkeypatch.setattr(inference, "load_embedder", lambda *a: pytest.fail("restored the run"))
+    out = str(tmp_path / "m.onnx")
+    assert cli.main(["export", "--workdir", workdir, "--format", "onnx", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "--format=onnx needs" in err and 'pip install -e ".[export]"' in err
+    assert len(err.strip().splitlines()) == 1
