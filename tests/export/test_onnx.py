@@ -14,19 +14,24 @@ ort = pytest.importorskip("onnxruntime", reason="the export extra is not install
 onnx = pytest.importorskip("onnx", reason="the export extra is not installed")
 
 
-def test_parity(embedder, digits, tmp_path):
+@pytest.fixture(scope="module")
+def exported(embedder, tmp_path_factory):
+    """(path, contract) of the network exported once for this module's tests."""
+    out = str(tmp_path_factory.mktemp("onnx") / "model.onnx")
+    return out, export.export_embedder(embedder, "onnx", out, threshold=0.5)
+
+
+def test_parity(exported, embedder, digits):
     images, _ = digits
-    out = str(tmp_path / "model.onnx")
-    contract = export.export_embedder(embedder, "onnx", out)
+    out, contract = exported
     assert contract["format"] == "onnx" and os.path.getsize(out) == contract["artefact_bytes"]
     check_parity(export.load(out), embedder, images)
 
 
-def test_plain_onnxruntime(embedder, digits, tmp_path):
+def test_plain_onnxruntime(exported, embedder, digits):
     """The file alone, through onnxruntime: named tensors, symbolic batch, standard ONNX ops."""
     images, _ = digits
-    out = str(tmp_path / "model.onnx")
-    export.export_embedder(embedder, "onnx", out)
+    out, _ = exported
     model = onnx.load(out)
     (inp,), (outp,) = model.graph.input, model.graph.output
     assert (inp.name, outp.name) == ("images", "embeddings")
@@ -38,13 +43,16 @@ def test_plain_onnxruntime(embedder, digits, tmp_path):
     np.testing.assert_allclose(got, embedder.embed(images[:5]), rtol=0, atol=1e-5)
 
 
-def test_plain_python_example_in_docs(embedder, digits, tmp_path, monkeypatch):
+def test_plain_python_example_in_docs(exported, digits, tmp_path, monkeypatch):
     """docs/export.md's example (onnxruntime, NumPy and Pillow only) on two 16x16 PNGs gives
     the package's embeddings of the same files."""
+    import shutil
+
     from PIL import Image
 
     images, _ = digits
-    export.export_embedder(embedder, "onnx", str(tmp_path / "model.onnx"), threshold=0.5)
+    for name in ("model.onnx", "model.onnx.json"):
+        shutil.copy(os.path.join(os.path.dirname(exported[0]), name), tmp_path / name)
     for name, x in (("a.png", images[0]), ("b.png", images[25])):
         Image.fromarray(((x[:, :, 0] + 1) * 127.5).round().astype(np.uint8)).save(tmp_path / name)
     docs = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "export.md")
