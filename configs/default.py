@@ -72,7 +72,16 @@ def get_config() -> ml_collections.ConfigDict:
     train.grad_clip_norm = 0.0  # Clip the global gradient norm to this value (0 = no clipping).
     train.on_nonfinite = "stop"  # NaN/inf loss, gradients or state: stop (exit 1) | skip the step.
     train.max_nonfinite_skips = 10  # on_nonfinite=skip: stop after this many such steps in a row.
-    train.margin = 0.2  # alpha in ||f(a)-f(p)||^2 + alpha < ||f(a)-f(n)||^2.
+    # Objective: terms joined by "+", each weighted by loss_weights (docs/losses.md). triplet
+    # (FaceNet) and at most one margin-softmax kind over the training identities: softmax |
+    # normface | cosface | arcface; e.g. "cosface" alone or "triplet+arcface" (joint).
+    train.loss = "triplet"
+    train.loss_weights = ()  # One weight per term of train.loss, in its order; () = all 1.0.
+    train.margin_scale = 30.0  # s: logit scale of normface / cosface / arcface (not softmax).
+    # m: cosface's cosine margin (typical 0.35) or arcface's angle margin in radians (typical 0.5).
+    train.margin_m = 0.35  # Ignored by softmax and normface, which have no margin.
+    train.easy_margin = False  # arcface only: margin only where cos(theta) > 0 (insightface).
+    train.margin = 0.2  # Triplet: alpha in ||f(a)-f(p)||^2 + alpha < ||f(a)-f(n)||^2.
     train.mining = "semi_hard"  # Triplet strategy, see facenet_jax.losses.STRATEGIES.
     train.squared = True  # Mine and penalise squared Euclidean distances (FaceNet) or plain ones.
     train.soft = False  # batch_hard only: softplus instead of hinge (Hermans et al. 2017).

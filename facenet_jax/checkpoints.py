@@ -198,12 +198,16 @@ _all_finite_jit = jax.jit(all_finite)
 
 
 def state_to_dict(state: Any) -> dict[str, Any]:
-    return {
+    tree = {
         "step": state.step,
         "params": state.params,
         "batch_stats": state.batch_stats,
         "opt_state": state.opt_state,
     }
+    # Margin-softmax runs only: triplet-only checkpoints keep the layout they always had.
+    if getattr(state, "class_weights", None) is not None:
+        tree["class_weights"] = state.class_weights
+    return tree
 
 
 def save(manager: ocp.CheckpointManager, state: Any) -> None:

@@ -15,6 +15,14 @@ Mining scope (``config.train.mining_scope``):
     and gradients are ``psum``-ed (the all-gather's transpose routes each embedding's cotangent
     back to the device that produced it). Memory O(B x B_local) per device.
 
+Objective (``config.train.loss``, docs/losses.md): the triplet loss, a margin-softmax loss
+(softmax / NormFace / CosFace / ArcFace) over the C training identities, or a weighted sum of
+both. The margin kinds classify each embedding with a class-weight matrix W [C, d] that lives in
+the train state (``TrainState.class_weights``), is optimised with the network by the same
+optimiser and is dropped at inference. Each row's margin loss depends only on that row and W, so
+every device takes its own rows and the count is ``psum``-ed: the same global-batch result as the
+triplet loss, in either scope. Batches carry class indices 0..C-1 (``training_classes``).
+
 Faults (docs/reliability.md):
   * non-finite guard: the step computes one on-device flag over the loss, the gradients and the
     updated state; a non-finite update is not applied. ``train.on_nonfinite = "stop"`` ends the
@@ -31,6 +39,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
 import time
 from typing import Any
@@ -54,8 +63,10 @@ from facenet_jax import (
     parallel,
 )
 from facenet_jax import workdir as workdir_lib
-from facenet_jax.data import input_pipeline
+from facenet_jax.data import folder, input_pipeline
+from facenet_jax.data.spec import DataSpec
 from facenet_jax.evaluate import report
+from facenet_jax.labels import IGNORE_LABEL
 
 AXIS = parallel.DATA_AXIS
 MINING_SCOPES = ("local", "global")
@@ -63,29 +74,149 @@ NONFINITE_MODES = ("stop", "skip")
 
 
 class TrainState(train_state.TrainState):
-    """step, params, opt_state (from flax) plus BatchNorm running statistics.
+    """step, params, opt_state (from flax) plus BatchNorm running statistics and class weights.
 
-    A new array field is saved and restored with the rest once ``checkpoints.state_to_dict``
-    lists it.
+    ``class_weights`` is the margin-softmax class-weight matrix W [C, d] (None for triplet-only
+    runs). The optimiser updates ``trainable``: the model ``params`` alone when there is no W (so
+    a triplet-only state, its optimiser state included, has the layout it always had), else
+    ``{"model": params, "class_weights": W}`` (one optimiser, one gradient clipping norm over
+    both). A new array field is saved and restored with the rest once
+    ``checkpoints.state_to_dict`` lists it.
     """
 
     batch_stats: Any = None
+    class_weights: Any = None
+
+    @property
+    def trainable(self) -> Any:
+        """What the optimiser updates (and what the step differentiates)."""
+        return _trainable(self.params, self.class_weights)
+
+    def apply_gradients(self, *, grads: Any, **kwargs) -> TrainState:
+        """One optimiser update of ``trainable``; ``grads`` has its structure."""
+        updates, opt_state = self.tx.update(grads, self.opt_state, self.trainable)
+        params, class_weights = _split_trainable(
+            optax.apply_updates(self.trainable, updates), self.class_weights is not None
+        )
+        return self.replace(
+            step=self.step + 1,
+            params=params,
+            class_weights=class_weights,
+            opt_state=opt_state,
+            **kwargs,
+        )
+
+    @classmethod
+    def create(cls, *, apply_fn, params, tx, class_weights=None, **kwargs) -> TrainState:
+        return cls(
+            step=0,
+            apply_fn=apply_fn,
+            params=params,
+            tx=tx,
+            opt_state=tx.init(_trainable(params, class_weights)),
+            class_weights=class_weights,
+            **kwargs,
+        )
+
+
+def _trainable(params: Any, class_weights: Any) -> Any:
+    return params if class_weights is None else {"model": params, "class_weights": class_weights}
+
+
+def _split_trainable(trainable: Any, has_class_weights: bool) -> tuple[Any, Any]:
+    """Inverse of ``_trainable``: (params, class_weights or None)."""
+    if not has_class_weights:
+        return trainable, None
+    return trainable["model"], trainable["class_weights"]
 
 
 @dataclasses.dataclass(frozen=True)
 class LossSettings:
-    """The triplet loss the step computes (static, hashable: bound with ``functools.partial``)."""
+    """The objective the step computes (static, hashable: bound with ``functools.partial``).
+
+    ``objective = triplet_weight * L_triplet + margin_weight * L_margin``, each term a mean over
+    the global batch (``scope=global``) or a mean over devices of per-device means (``local``).
+    The triplet terms are mined, and their diagnostics logged, even when ``triplet_weight`` is 0
+    (the term then takes no part in the objective).
+    """
 
     mining: str = "semi_hard"  # losses.STRATEGIES.
     margin: float = 0.2
     squared: bool = True
     soft: bool = False
     scope: str = "global"  # MINING_SCOPES.
+    triplet_weight: float = 1.0
+    margin_kind: str = ""  # losses.MARGIN_KINDS, "" for no margin-softmax term.
+    margin_weight: float = 0.0
+    margin_scale: float = 30.0  # s.
+    margin_m: float = 0.0  # m; 0 for the kinds without one (softmax, normface).
+    easy_margin: bool = False
 
     @classmethod
     def from_config(cls, train_config: ml_collections.ConfigDict) -> LossSettings:
         t = train_config
-        return cls(t.mining, float(t.margin), bool(t.squared), bool(t.soft), t.mining_scope)
+        terms = loss_terms(t)
+        kind = next((name for name in terms if name != "triplet"), "")
+        return cls(
+            t.mining,
+            float(t.margin),
+            bool(t.squared),
+            bool(t.soft),
+            t.mining_scope,
+            triplet_weight=terms.get("triplet", 0.0),
+            margin_kind=kind,
+            margin_weight=terms.get(kind, 0.0),
+            margin_scale=float(t.margin_scale),
+            margin_m=float(t.margin_m) if kind in MARGIN_KINDS_WITH_M else 0.0,
+            easy_margin=bool(t.easy_margin),
+        )
+
+
+LOSS_TERMS = ("triplet", *losses.MARGIN_KINDS)
+MARGIN_KINDS_WITH_M = ("cosface", "arcface")
+
+
+def loss_terms(train_config: ml_collections.ConfigDict) -> dict[str, float]:
+    """``train.loss`` ("triplet", "cosface", "triplet+arcface", ...) and ``train.loss_weights``
+    -> ``{term: weight}`` in the order written, e.g. ``{"triplet": 1.0, "arcface": 0.5}``.
+
+    Raises ValueError naming the field: unknown or repeated term, two margin-softmax kinds, a
+    weight count that does not match the terms, a weight that is not positive.
+    """
+    t = train_config
+    if not isinstance(t.loss, str) or not t.loss.strip():
+        raise ValueError(
+            f"config.train.loss must be a string of terms joined by '+', e.g. 'triplet+arcface'; "
+            f"got {t.loss!r}"
+        )
+    names = [name.strip() for name in t.loss.split("+")]
+    for name in names:
+        if name not in LOSS_TERMS:
+            raise ValueError(
+                f"config.train.loss: unknown term {name!r} in {t.loss!r}; allowed: "
+                f"{list(LOSS_TERMS)}, alone or joined by '+' (e.g. 'triplet+cosface')"
+            )
+    if len(set(names)) != len(names):
+        raise ValueError(f"config.train.loss: a term is repeated in {t.loss!r}")
+    kinds = [name for name in names if name != "triplet"]
+    if len(kinds) > 1:
+        raise ValueError(
+            f"config.train.loss: at most one margin-softmax kind (one class-weight matrix), got "
+            f"{kinds} in {t.loss!r}"
+        )
+    weights = tuple(t.loss_weights) or (1.0,) * len(names)
+    if len(weights) != len(names):
+        raise ValueError(
+            f"config.train.loss_weights: {len(weights)} weights {tuple(weights)} for the "
+            f"{len(names)} terms of config.train.loss={t.loss!r} (one per term, or () for all 1)"
+        )
+    for name, w in zip(names, weights, strict=True):
+        if not (isinstance(w, int | float) and np.isfinite(w) and w > 0):
+            raise ValueError(
+                f"config.train.loss_weights: the weight of {name!r} must be a positive number, "
+                f"got {w!r} (leave a term out of config.train.loss to drop it)"
+            )
+    return {name: float(w) for name, w in zip(names, weights, strict=True)}
 
 
 # ----------------------------------------------------------------------------- config checks
@@ -126,11 +257,30 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.train.{field} must be >= 1, got {t[field]}")
     if t.margin < 0:
         raise ValueError(f"config.train.margin must be >= 0, got {t.margin}")
+    _validate_margin_softmax(t)
     if d.image_size < 8:
         raise ValueError(f"config.data.image_size must be >= 8, got {d.image_size}")
     if d.channels not in (1, 3):
         raise ValueError(f"config.data.channels must be 1 or 3, got {d.channels}")
     models.create_model(config.model)  # Checks model name, dtype and sizes.
+
+
+def _validate_margin_softmax(t: ml_collections.ConfigDict) -> None:
+    kind = next((name for name in loss_terms(t) if name != "triplet"), "")
+    if kind and kind != "softmax" and not t.margin_scale > 0:
+        raise ValueError(f"config.train.margin_scale (s) must be > 0, got {t.margin_scale}")
+    if kind == "cosface" and not t.margin_m >= 0:
+        raise ValueError(f"config.train.margin_m: cosface's margin must be >= 0, got {t.margin_m}")
+    if kind == "arcface" and not 0 <= t.margin_m < math.pi / 2:
+        raise ValueError(
+            "config.train.margin_m: arcface's margin is an angle in radians in [0, pi/2), "
+            f"got {t.margin_m}"
+        )
+    if t.easy_margin and kind != "arcface":
+        raise ValueError(
+            "config.train.easy_margin is only defined for arcface, but config.train.loss is "
+            f"{t.loss!r}"
+        )
 
 
 # ----------------------------------------------------------------------------- optimiser
@@ -179,24 +329,71 @@ def create_train_state(
     *,
     model: Any = None,
     learning_rate_fn: optax.Schedule | None = None,
+    num_classes: int | None = None,
 ) -> TrainState:
-    """Initialises params and BatchNorm statistics for images [1, H, W, C].
+    """Initialises params and BatchNorm statistics for images [1, H, W, C], and the class weights.
 
     ``model`` (default: built from ``config.model`` with synchronised BatchNorm on the data axis)
     and ``learning_rate_fn`` (default: ``create_learning_rate_fn(config)``) are passed in by a run
     that builds them once. Init runs outside shard_map in inference mode, where BatchNorm uses no
-    axis, so the same module serves init and the step.
+    axis, so the same module serves init and the step. The model is initialised from ``rng``
+    itself, whatever the loss, so ``inference.untrained_embedder`` rebuilds step 0 from the seed.
+
+    ``num_classes`` (C, the training identities: ``len(training_classes(...))``) is needed when
+    ``config.train.loss`` has a margin-softmax term: W [C, embedding_dim] is drawn by
+    ``losses.init_class_weights`` from ``fold_in(rng, 1)``. Triplet-only runs have no W.
     """
     model = model or models.create_model(config.model, bn_axis_name=AXIS)
     variables = jax.jit(functools.partial(model.init, train=False))(
         rng, jnp.zeros((1, *image_shape), jnp.float32)
     )
+    class_weights = None
+    if LossSettings.from_config(config.train).margin_kind:
+        if num_classes is None:
+            raise ValueError(
+                f"config.train.loss={config.train.loss!r} trains a class-weight matrix: "
+                "create_train_state needs num_classes (the number of training identities)"
+            )
+        class_weights = losses.init_class_weights(
+            jax.random.fold_in(rng, 1), int(num_classes), config.model.embedding_dim
+        )
     return TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
         batch_stats=variables["batch_stats"],
+        class_weights=class_weights,
         tx=create_optimizer(config, learning_rate_fn),
     )
+
+
+def training_classes(labels: np.ndarray, train_indices: np.ndarray, min_images: int) -> np.ndarray:
+    """[C] sorted identity labels of the training identities: class c is identity ``out[c]``.
+
+    The identities the PK sampler draws (``records.RecordDataset``): those with at least
+    ``min_images`` images in the training split. ``labels`` [N] is every record's identity,
+    ``train_indices`` the training split's records.
+    """
+    ids, counts = np.unique(np.asarray(labels)[np.asarray(train_indices)], return_counts=True)
+    return ids[(counts >= min_images) & (ids != IGNORE_LABEL)]
+
+
+def dataset_classes(dataset: input_pipeline.FaceDataset) -> np.ndarray:
+    """``training_classes`` of a ``records.RecordDataset`` (every source builds one)."""
+    return training_classes(dataset.labels, dataset.splits["train"], dataset.spec.min_images)
+
+
+def to_class_labels(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """[B] identity labels -> [B] int32 class indices into ``classes`` (sorted), and
+    ``IGNORE_LABEL`` for any label that is not a training class (padding included).
+
+    Over the training identities this is a bijection, so the triplet loss (which only compares
+    labels) is unchanged; the margin-softmax losses need indices 0..C-1.
+    """
+    labels, classes = np.asarray(labels), np.asarray(classes)
+    if not len(classes):
+        return np.full(labels.shape, IGNORE_LABEL, np.int32)
+    pos = np.minimum(np.searchsorted(classes, labels), len(classes) - 1)
+    return np.where(classes[pos] == labels, pos, IGNORE_LABEL).astype(np.int32)
 
 
 # ----------------------------------------------------------------------------- update step
@@ -217,15 +414,19 @@ def train_step(
     """One optimiser step on this device's rows of the global PK batch (runs inside shard_map).
 
     Args:
-      state: replicated train state.
-      batch: ``image`` [B_local, H, W, C] float32, ``label`` [B_local] int32 (-1 = ignore).
+      state: replicated train state (with ``class_weights`` W [C, d] for a margin-softmax term).
+      batch: ``image`` [B_local, H, W, C] float32, ``label`` [B_local] int32 (-1 = ignore): class
+        indices 0..C-1 of the training identities (``to_class_labels``) when there is a
+        margin-softmax term; the triplet loss only compares labels, so any labels do for it.
       learning_rate_fn: the run's schedule (only logged here; the optimiser holds the same one).
-      loss: mining strategy, margin, distances and scope.
+      loss: the terms and their weights, mining strategy, margins, distances and scope.
       seed: with ``state.step`` (and the device, for local mining), seeds random mining.
 
     Returns:
-      The new state and replicated scalar metrics (loss, fraction of active triplets, mean
-      positive/negative distance, gradient and parameter norms, learning rate, and ``nonfinite``:
+      The new state and replicated scalar metrics (loss = the weighted objective, fraction of
+      active triplets, mean positive/negative distance, gradient and parameter norms, learning
+      rate; with a margin-softmax term also ``triplet_loss``, ``margin_loss``, ``margin_accuracy``
+      (training accuracy of W's classifier) and ``margin_mean_target_cos``; and ``nonfinite``:
       0, or the bits ``2**i`` of the ``NONFINITE_PARTS[i]`` that were not finite, in which case
       the returned state is ``state`` with only its step advanced).
     """
@@ -239,7 +440,16 @@ def train_step(
         strategy=loss.mining, margin=loss.margin, squared=loss.squared, soft=loss.soft, key=key
     )
 
-    def loss_fn(params):
+    has_w = state.class_weights is not None
+    if bool(loss.margin_kind) != has_w:
+        raise ValueError(
+            f"loss {loss.margin_kind or 'triplet'!r} and the state's class weights "
+            f"({'present' if has_w else 'absent'}) do not match: build the state with "
+            "create_train_state(config, ..., num_classes=C) of the same config"
+        )
+
+    def loss_fn(trainable):
+        params, class_weights = _split_trainable(trainable, has_w)
         emb, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats},
             images,
@@ -247,8 +457,10 @@ def train_step(
             mutable=["batch_stats"],
             rngs={"dropout": jax.random.fold_in(key, lax.axis_index(axis_name) + 1)},
         )
+        # Without a triplet term the triplets are still mined for their diagnostics, off the tape.
+        t_emb = emb if loss.triplet_weight else lax.stop_gradient(emb)
         if is_global:
-            all_emb = lax.all_gather(emb, axis_name, tiled=True)
+            all_emb = lax.all_gather(t_emb, axis_name, tiled=True)
             all_labels = lax.all_gather(labels, axis_name, tiled=True)
             terms = losses.triplet_terms(
                 all_emb,
@@ -259,18 +471,46 @@ def train_step(
             )
             count = lax.psum(terms.count, axis_name)
         else:
-            terms = losses.triplet_terms(emb, labels, **mining)
+            terms = losses.triplet_terms(t_emb, labels, **mining)
             count = terms.count
-        loss_value = terms.loss_sum / jnp.maximum(count, 1)
-        return loss_value, (terms, updates["batch_stats"])
+        triplet_value = terms.loss_sum / jnp.maximum(count, 1)
+        objective = loss.triplet_weight * triplet_value if loss.triplet_weight else 0.0
+        margin_terms = margin_value = None
+        if loss.margin_kind:
+            # Each row's term needs only that row and W: this device's rows, the count pooled.
+            margin_terms = losses.margin_softmax_terms(
+                emb,
+                labels,
+                class_weights,
+                kind=loss.margin_kind,
+                scale=loss.margin_scale,
+                margin=loss.margin_m,
+                easy_margin=loss.easy_margin,
+            )
+            m_count = lax.stop_gradient(margin_terms.count)
+            if is_global:
+                m_count = lax.psum(m_count, axis_name)
+            margin_value = margin_terms.loss_sum / jnp.maximum(m_count, 1)
+            objective = objective + loss.margin_weight * margin_value
+        aux = (terms, margin_terms, triplet_value, margin_value, updates["batch_stats"])
+        return objective, aux
 
-    (loss_value, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params
-    )
+    (loss_value, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+    terms, margin_terms, triplet_value, margin_value, batch_stats = aux
     # Global: L = sum_d L_d. Local: L = mean_d L_d. Diagnostics always pool all devices' terms.
     reduce = lax.psum if is_global else lax.pmean
     grads, loss_value = reduce(grads, axis_name), reduce(loss_value, axis_name)
     _, diagnostics = losses.terms_to_loss(jax.tree.map(lambda x: lax.psum(x, axis_name), terms))
+    if loss.margin_kind:
+        pooled = jax.tree.map(lambda x: lax.psum(x, axis_name), margin_terms)
+        _, margin_diagnostics = losses.margin_terms_to_loss(pooled)
+        diagnostics = {
+            **diagnostics,
+            "triplet_loss": reduce(triplet_value, axis_name),
+            "margin_loss": reduce(margin_value, axis_name),
+            "margin_accuracy": margin_diagnostics["accuracy"],
+            "margin_mean_target_cos": margin_diagnostics["mean_target_cos"],
+        }
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
 
     # Non-finite guard: every input of the flag is replicated (reduced over the axis), so every
@@ -278,7 +518,7 @@ def train_step(
     finite = [
         jnp.isfinite(loss_value),
         checkpoints.all_finite(grads),
-        checkpoints.all_finite(new_state.params),
+        checkpoints.all_finite(new_state.trainable),
         checkpoints.all_finite(new_state.batch_stats),
         checkpoints.all_finite(new_state.opt_state),
     ]
@@ -357,9 +597,11 @@ class NonFiniteGuard:
         self.last_good = last_good  # () -> "checkpoint step 3 in DIR" (what a rerun resumes).
         self.skipped = 0  # Since the last ``take_skipped``.
         self.in_a_row = 0
+        self.last_ok = True  # Whether the last step checked was finite.
 
     def check(self, step: int, metrics: dict[str, jax.Array]) -> None:
         code = int(jax.device_get(metrics["nonfinite"]))
+        self.last_ok = not code
         if not code:
             self.in_a_row = 0
             return
@@ -436,6 +678,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       Preempted: SIGTERM / SIGINT; a checkpoint of the last finished step was saved.
     """
     validate_config(config)
+    if config.data.source == "folder":  # Split and P x K from the folder listing, before preparing.
+        folder.check_feasible(DataSpec.from_config(config.data), config.eval.split)
     os.makedirs(workdir, exist_ok=True)
     with _workdir_lock(workdir):
         return _train_and_evaluate(config, workdir)
@@ -468,16 +712,22 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     # --- mesh and input
     mesh = parallel.create_mesh()
     dataset = input_pipeline.create_dataset(config)
+    dataset.check_feasible(config.eval.split)  # Before compiling and the baseline evaluation.
     global_batch = config.data.identities_per_batch * config.data.images_per_identity
     learning_rate_fn = create_learning_rate_fn(config)
     step_fn = make_train_step(config, mesh, learning_rate_fn)  # Checks the batch split (cheap).
+    classes = dataset_classes(dataset)  # Class c of the margin-softmax terms: identity classes[c].
     logging.info(
-        "global batch %d = P %d x K %d on %d devices (%d per device), mining %s (%s)",
+        "global batch %d = P %d x K %d on %d devices (%d per device), loss %s %s over %d "
+        "training identities, mining %s (%s)",
         global_batch,
         config.data.identities_per_batch,
         config.data.images_per_identity,
         mesh.devices.size,
         global_batch // mesh.devices.size,
+        config.train.loss,
+        loss_terms(config.train),
+        len(classes),
         config.train.mining,
         config.train.mining_scope,
     )
@@ -486,7 +736,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     model = models.create_model(config.model, bn_axis_name=AXIS)
     rng = jax.random.key(config.seed)
     state = create_train_state(
-        config, rng, dataset.image_shape, model=model, learning_rate_fn=learning_rate_fn
+        config,
+        rng,
+        dataset.image_shape,
+        model=model,
+        learning_rate_fn=learning_rate_fn,
+        num_classes=len(classes),
     )
     state = parallel.replicate(state, mesh)
     with contextlib.ExitStack() as cleanup:
@@ -519,7 +774,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
         if hasattr(batches, "close"):  # Stops grain worker processes now, not at exit.
             cleanup.callback(batches.close)
         state = _train_loop(
-            state, step_fn, batches, start_step, config, mesh, dataset, manager, writer
+            state, step_fn, batches, classes, start_step, config, mesh, dataset, manager, writer
         )
         if hasattr(batches, "close"):
             batches.close()
@@ -540,6 +795,7 @@ def _train_loop(
     state: TrainState,
     step_fn,
     batches,
+    classes: np.ndarray,
     start_step: int,
     config: ml_collections.ConfigDict,
     mesh: jax.sharding.Mesh,
@@ -547,7 +803,10 @@ def _train_loop(
     manager,
     writer: metric_logging.MetricWriter,
 ) -> TrainState:
-    """Steps ``start_step + 1 .. num_steps``: logs, evaluates, saves; guards and watches signals."""
+    """Steps ``start_step + 1 .. num_steps``: logs, evaluates, saves; guards and watches signals.
+
+    Batch labels are mapped to class indices into ``classes`` (``to_class_labels``) on the host.
+    """
     t = config.train
     global_batch = config.data.identities_per_batch * config.data.images_per_identity
     guard = NonFiniteGuard(t, lambda: _last_checkpoint(manager))
@@ -562,7 +821,10 @@ def _train_loop(
     try:
         with parallel.PreemptionWatcher() as preemption:
             for step in range(start_step + 1, t.num_steps + 1):
-                batch = parallel.shard_batch(next(batches), mesh)
+                batch = next(batches)
+                batch = parallel.shard_batch(
+                    {**batch, "label": to_class_labels(batch["label"], classes)}, mesh
+                )
                 state, metrics = step_fn(state, batch)
                 if pending is not None:  # The previous step, while this one runs.
                     guard.check(*pending)
@@ -588,7 +850,8 @@ def _train_loop(
                     m["steps_per_sec"] = (step - last_step) / (now - last_time)
                     last_time, last_step = now, step
                     writer.write(step, m)
-                    if not collapse_warned and (message := collapse_message(m, t)):
+                    message = guard.last_ok and not collapse_warned and collapse_message(m, t)
+                    if message:
                         logging.warning("step %d: %s", step, message)
                         collapse_warned = True
                     if progress is not None:

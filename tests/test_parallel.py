@@ -9,19 +9,28 @@ from facenet_jax import parallel, train
 from facenet_jax.data import input_pipeline
 
 
-def _run_steps(config, devices, num_steps=2):
+def _run_steps(config, devices, num_steps=2, *, with_class_weights=False):
     mesh = parallel.create_mesh(devices)
     ds = input_pipeline.create_dataset(config)
+    classes = train.dataset_classes(ds)
     state = parallel.replicate(
-        train.create_train_state(config, jax.random.key(0), ds.image_shape), mesh
+        train.create_train_state(
+            config, jax.random.key(0), ds.image_shape, num_classes=len(classes)
+        ),
+        mesh,
     )
     step = train.make_train_step(config, mesh)
     batches = ds.train_batches(0)
     history = []
     for _ in range(num_steps):
-        state, metrics = step(state, parallel.shard_batch(next(batches), mesh))
+        batch = next(batches)
+        batch["label"] = train.to_class_labels(batch["label"], classes)
+        state, metrics = step(state, parallel.shard_batch(batch, mesh))
         history.append(parallel.fetch(metrics))
-    return parallel.fetch(state.params), parallel.fetch(state.batch_stats), history
+    params = parallel.fetch(state.params)
+    if with_class_weights:
+        params = {"model": params, "class_weights": parallel.fetch(state.class_weights)}
+    return params, parallel.fetch(state.batch_stats), history
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +59,39 @@ def test_global_mining_on_8_devices_equals_one_device(config, mining):
     p8, s8, h8 = _run_steps(config, jax.devices()[:8], num_steps=1)
     for key in ("loss", "fraction_active", "mean_pos_dist", "mean_neg_dist", "grad_norm"):
         np.testing.assert_allclose(h8[0][key], h1[0][key], rtol=1e-4, atol=1e-6, err_msg=key)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s8), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "loss,weights", [("cosface", ()), ("triplet+arcface", (1.0, 0.5)), ("softmax", ())]
+)
+def test_margin_softmax_on_8_devices_equals_one_device(config, loss, weights):
+    """The class-weight matrix W and the network after one update of the global batch: 8 devices
+    (each its own rows, count pooled, gradients psum-ed) equal one device running all rows."""
+    config = config.copy_and_resolve_references()
+    config.train.loss = loss
+    config.train.loss_weights = weights
+    config.train.margin_m = 0.5 if "arcface" in loss else 0.35
+    p1, s1, h1 = _run_steps(config, jax.devices()[:1], num_steps=1, with_class_weights=True)
+    p8, s8, h8 = _run_steps(config, jax.devices()[:8], num_steps=1, with_class_weights=True)
+    keys = ("loss", "margin_loss", "triplet_loss", "margin_accuracy", "margin_mean_target_cos")
+    for key in (*keys, "mean_pos_dist", "grad_norm"):
+        np.testing.assert_allclose(h8[0][key], h1[0][key], rtol=1e-4, atol=1e-6, err_msg=key)
+    # The objective is the weighted sum of the logged terms; W moved (it is trained).
+    terms = train.loss_terms(config.train)
+    want = sum(
+        w * h1[0]["triplet_loss" if n == "triplet" else "margin_loss"] for n, w in terms.items()
+    )
+    np.testing.assert_allclose(h1[0]["loss"], want, rtol=1e-6)
+    assert 0.0 <= h1[0]["margin_accuracy"] <= 1.0 and h1[0]["margin_loss"] > 0
+    ds = input_pipeline.create_dataset(config)
+    w0 = train.create_train_state(
+        config, jax.random.key(0), ds.image_shape, num_classes=len(train.dataset_classes(ds))
+    ).class_weights
+    assert np.abs(p1["class_weights"] - np.asarray(w0)).max() > 1e-6
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
     for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s8), strict=True):
