@@ -11,7 +11,13 @@ Preparation (``prepare``) decodes every file once, in ``prepare_workers`` proces
   crop never re-prepares); anything else Pillow decodes (PGM, GIF, BMP, TIFF, 16-bit or palette
   PNG, CMYK JPEG, ...) is re-encoded as PNG in L or RGB, so reading needs JPEG/PNG only.
 * A file that cannot be read or decoded (corrupt, truncated, zero bytes, not an image) or that
-  sits at the wrong depth is skipped with a warning naming it; a summary counts them.
+  sits at the wrong depth is skipped with a warning naming it; so is what the listing never reads
+  (named pipes, sockets, devices, names that are not UTF-8, links to folders listed already:
+  ``files.py``). A summary counts them, and the identity folders holding no file.
+* One process prepares a given folder at a time (a lock file beside the prepared data, released
+  by the system when its holder dies); it first removes the ``incomplete.*`` directory that a
+  preparation killed midway (SIGKILL, power loss) left behind. An exception inside preparation
+  leaves nothing (tfds removes its temporary directory).
 * With a detector (crop=detect), the face box is found once here and stored as a feature
   (fractions of the image; -1 when no face was found: the center crop is used then, and counted).
   crop=align stores nothing: ``create_folder_dataset`` fills the landmark cache
@@ -31,12 +37,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import concurrent.futures.process
+import contextlib
 import functools
+import glob
 import hashlib
 import logging
 import multiprocessing
 import os
 import re
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -157,9 +166,17 @@ def _generate(
     jobs = [(listing.root, rel, detector) for rel in listing.files]
     workers = num_workers or os.cpu_count() or 1
     expected = "not at ROOT/" + "<group>/" * listing.group_depth + "<identity>/<image>"
-    skipped = [(rel, expected) for rel in listing.misplaced]
+    skipped = sorted([(rel, expected) for rel in listing.misplaced] + list(listing.skipped))
     for rel, reason in skipped:
         logging.warning("skipping %s: %s", os.path.join(listing.root, rel), reason)
+    empty = list(listing.empty_identities)
+    if empty:
+        logging.warning(
+            "%d identity folders hold no file: %s%s",
+            len(empty),
+            ", ".join(empty[:10]),
+            " ..." if len(empty) > 10 else "",
+        )
     labels, groups, found = [], [], 0
     pool = None
     if workers > 1 and len(jobs) >= _PARALLEL_MIN_FILES:
@@ -209,15 +226,17 @@ def _generate(
         groups=groups,
         num_skipped=len(skipped),
         skipped=[list(s) for s in skipped],
+        empty_identities=empty,
         num_faces_found=found if detector else 0,
     )
     logging.log(
         logging.WARNING if skipped else logging.INFO,
-        "prepared %s: %d images of %d identities, %d files skipped%s",
+        "prepared %s: %d images of %d identities, %d files skipped, %d empty identity folders%s",
         listing.root,
         len(labels),
         len(set(labels)),
         len(skipped),
+        len(empty),
         f", {detector} found a face in {found} ({len(labels) - found} center-crop fallbacks)"
         if detector
         else "",
@@ -255,9 +274,49 @@ def prepare(
         file_format="array_record",
     )
     if not builder.is_prepared():
-        logging.info("preparing %s into %s", listing.root, builder.data_dir)
-        builder.download_and_prepare()
+        with _preparing(builder.data_dir):
+            logging.info("preparing %s into %s", listing.root, builder.data_dir)
+            builder.download_and_prepare()  # Returns at once if another process just did.
     return builder
+
+
+@contextlib.contextmanager
+def _preparing(version_dir: str):
+    """Holds ``<config dir>/.prepare.lock`` and removes stale ``incomplete.*`` directories.
+
+    tfds writes ``<config dir>/incomplete.<random>_1.0.0`` and renames it to ``1.0.0`` at the end;
+    a process killed before the rename leaves it. The lock (``flock``, dropped by the system when
+    the holder dies) guarantees that no live process is writing one, so all of them are stale.
+    """
+    config_dir = os.path.dirname(os.path.normpath(version_dir))
+    os.makedirs(config_dir, exist_ok=True)
+    with open(os.path.join(config_dir, ".prepare.lock"), "a") as lock:
+        try:
+            import fcntl
+        except ImportError:  # Not POSIX: no lock, and no cleaning (it could be another's).
+            yield
+            return
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            for stale in sorted(glob.glob(os.path.join(config_dir, "incomplete.*"))):
+                logging.warning("removing %s, left by a preparation that was killed", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def check_feasible(spec: DataSpec, eval_split: str) -> None:
+    """Before preparing ``spec.root``: ``splits.check_listing`` on the files it lists.
+
+    Raises ValueError naming the config fields to change when no outcome of decoding can give the
+    train split P drawable identities or ``eval_split`` a same and a different pair; a missing
+    root, a root that is a file and a tree without files at identity depth raise as in ``prepare``.
+    """
+    listing = files.scan_tree(spec.root, spec.group_depth)
+    splits.check_listing(
+        listing.identities, listing.groups, spec, eval_split, files.display_name(listing.root)
+    )
 
 
 def prepare_once(prepare: Callable[[], Any]) -> Any:

@@ -9,6 +9,8 @@ them the shared reader ``records.RecordDataset``:
 * ``eval_batches(split, batch_size)`` visits every image of a split once:
   ``{"image": [N, H, W, C], "label": [N] int32 (IGNORE_LABEL on padding), "group": [N] int32}``.
 * ``split_info(split)`` describes a split (image/identity counts, identity and group names).
+* ``check_feasible(eval_split)`` raises, naming the config fields, when P x K batches or the
+  evaluation of ``eval_split`` cannot be formed (``splits.check_feasible``).
 
 Sources are looked up by name in ``SOURCES``; each is a function ``(DataSpec, seed) -> dataset``:
 
@@ -40,6 +42,8 @@ class FaceDataset(Protocol):
     def eval_batches(self, split: str, batch_size: int) -> Iterator[Batch]: ...
 
     def split_info(self, split: str) -> dict[str, Any]: ...
+
+    def check_feasible(self, eval_split: str) -> None: ...
 
 
 def _digits(spec: DataSpec, seed: int) -> FaceDataset:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from facenet_jax.data import preprocessing, sampling
+from facenet_jax.data import preprocessing, sampling, splits
 from facenet_jax.data.spec import DataSpec
 
 Batch = dict[str, np.ndarray]
@@ -273,6 +273,16 @@ class RecordDataset:
         fn = _EvalBatch(self.source, self.decode, self.labels, self.groups)
         dataset = grain.MapDataset.source(items).map(fn)
         return _iterate(dataset, self.spec.num_workers, self.spec.prefetch)
+
+    def check_feasible(self, eval_split: str) -> None:
+        """Raises ValueError naming the config fields to change when the train split cannot fill
+        P x K batches or ``eval_split`` (``config.eval.split``) cannot be evaluated
+        (``splits.check_feasible``); training calls it before compiling anything."""
+        info = self.extra_info
+        what = info.get("root") or info.get("tfds_name") or f"source {self.spec.source!r}"
+        splits.check_feasible(
+            self.labels, self.groups, self.spec, eval_split, self.splits, what=str(what)
+        )
 
     def split_info(self, split: str) -> dict[str, Any]:
         idx = self._split(split)

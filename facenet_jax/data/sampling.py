@@ -60,7 +60,8 @@ def pk_batch_indices(
     if len(eligible) < p:
         raise ValueError(
             f"identities_per_batch (P) = {p} but only {len(eligible)} identities have enough "
-            f"images (>= {2 if replace else k}); lower P or K, or set sample_with_replacement"
+            f"images (>= {2 if replace else k}); lower config.data.identities_per_batch"
+            + ("" if replace else " or images_per_identity, or set sample_with_replacement=True")
         )
     rng = np.random.default_rng([seed, step, 0x9E3779B9])
     chosen = rng.choice(len(eligible), size=p, replace=False)

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import logging
 import os
+import threading
 import zipfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from facenet_jax.data import face_detection, folder, input_pipeline, preprocessing, sampling
+from facenet_jax.data import (
+    face_detection,
+    files,
+    folder,
+    input_pipeline,
+    preprocessing,
+    sampling,
+)
 from facenet_jax.data.spec import DataSpec
 from tests.data import trees
 
@@ -100,6 +110,100 @@ def test_zip_root_prepares_like_the_folder(tree, tmp_path):
     builder = folder.prepare(str(archive / "top"), group_depth=1, data_dir=str(tmp_path))
     assert len(builder.info.metadata["labels"]) == len(good)
     assert builder.info.metadata["num_skipped"] == 0
+
+
+def _prepare_within(seconds, **kw):
+    """folder.prepare(**kw) in a daemon thread: its builder, its exception, or "hung"."""
+    out = []
+
+    def run():
+        try:
+            out.append(folder.prepare(**kw))
+        except Exception as e:
+            out.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return out[0] if out else "hung"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes")
+def test_pipes_bad_names_links_and_empty_folders_prepare(tmp_path, caplog):
+    root, elsewhere = tmp_path / "faces", tmp_path / "elsewhere"
+    good = trees.make_tree(str(root), groups=1, ids_per_group=3, images=2)
+    os.mkfifo(root / "g0" / "id00" / "pipe.jpg")  # Hung preparation forever.
+    bad_name = os.path.join(str(root), "g0", "id01", os.fsdecode(b"caf\xe9.png"))
+    try:
+        with open(bad_name, "wb") as f:  # Stopped preparation with a UnicodeEncodeError.
+            f.write(trees.encode(np.zeros((8, 8), np.uint8), "PNG"))
+    except (OSError, UnicodeError):
+        bad_name = None
+    os.makedirs(elsewhere / "carol")  # A linked identity: "no image files found" before.
+    for n in range(2):
+        (elsewhere / "carol" / f"{n}.png").write_bytes(
+            trees.encode(np.full((8, 8), 9 * n, np.uint8), "PNG")
+        )
+    os.symlink(elsewhere / "carol", root / "g0" / "carol")
+    os.makedirs(root / "g0" / "nobody")
+    data_dir = tmp_path / "tfds"
+    with caplog.at_level(logging.WARNING):
+        builder = _prepare_within(120, root=str(root), group_depth=1, data_dir=str(data_dir))
+    assert not isinstance(builder, (str, Exception)), builder
+    meta = builder.info.metadata
+    skipped = dict(meta["skipped"])
+    assert skipped["g0/id00/pipe.jpg"] == "not a regular file (a named pipe)"
+    if bad_name is not None:
+        assert "not valid UTF-8" in skipped["g0/id01/caf\\xe9.png"]
+    assert meta["empty_identities"] == ["g0/nobody"]
+    assert len(meta["labels"]) == len(good) + 2
+    assert "g0/carol" in meta["identity_names"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("pipe.jpg: not a regular file" in m for m in messages)
+    assert any("1 identity folders hold no file: g0/nobody" in m for m in messages)
+    assert not glob.glob(str(data_dir / "face_folder" / "*" / "incomplete.*"))
+
+
+def test_a_killed_preparation_leaves_nothing_behind(tmp_path):
+    """What a preparation killed midway left (tfds's incomplete.* directory) is removed by the
+    next one, which holds the preparation lock, so no live preparation can be writing it."""
+    root, data_dir = str(tmp_path / "faces"), str(tmp_path / "tfds")
+    trees.make_tree(root, groups=1, ids_per_group=2, images=2)
+    name = folder.config_name(files.scan_tree(root, 1), "")
+    stale = os.path.join(data_dir, "face_folder", name, "incomplete.ABC123_1.0.0")
+    os.makedirs(stale)
+    with open(os.path.join(stale, "face_folder-full.array_record-00000-of-00001"), "wb") as f:
+        f.write(b"half written")
+    builder = folder.prepare(root, group_depth=1, data_dir=data_dir)
+    assert not os.path.exists(stale)
+    assert len(builder.info.metadata["labels"]) == 4
+    assert sorted(os.listdir(os.path.dirname(stale))) == [".prepare.lock", "1.0.0"]
+    # An exception inside preparation (no decodable file) leaves no directory either.
+    junk = tmp_path / "junk" / "someone"
+    os.makedirs(junk)
+    (junk / "a.jpg").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="none of the 1 files"):
+        folder.prepare(str(tmp_path / "junk"), data_dir=data_dir)
+    assert not glob.glob(os.path.join(data_dir, "face_folder", "*", "incomplete.*"))
+
+
+def test_infeasible_splits_fail_before_preparation(tmp_path, monkeypatch):
+    root = str(tmp_path / "faces")
+    trees.make_tree(root, groups=1, ids_per_group=3, images=3)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("prepared although the split cannot work")
+
+    monkeypatch.setattr(folder, "prepare", fail)
+    spec = DataSpec.from_config(trees.folder_config(root, str(tmp_path)).data)
+    small = dataclasses.replace(spec, identities_per_batch=2, val_fraction=0.1, test_fraction=0.1)
+    with pytest.raises(ValueError, match=r"config.eval.split = 'test'.*holds 0 identities"):
+        folder.check_feasible(small, "test")
+    with pytest.raises(ValueError, match=r"config.data.identities_per_batch \(P\) = 4"):
+        folder.check_feasible(spec, "test")
+    photo = os.path.join(root, "g0", "id00", "0.jpg")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        folder.check_feasible(dataclasses.replace(spec, root=photo), "test")
 
 
 # ------------------------------------------------------------------------------ dataset

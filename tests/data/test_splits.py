@@ -73,3 +73,135 @@ def test_split_for_spec_reads_the_spec_fields():
     got = splits.split_for_spec(labels, None, spec)
     for s in splits.SPLITS:
         np.testing.assert_array_equal(got[s], want[s])
+
+
+# ------------------------------------------------------------------------------ feasibility
+
+
+def _spec(**fields):
+    spec = DataSpec.from_config(default.get_config().data)
+    return dataclasses.replace(spec, **{"source": "folder", **fields})
+
+
+def _feasible(labels, spec, eval_split="test", parts=None):
+    try:
+        splits.check_feasible(labels, None, spec, eval_split, parts)
+        return True
+    except ValueError:
+        return False
+
+
+def test_p_larger_than_the_train_identities_names_the_field_and_a_value_that_works():
+    labels = np.repeat(np.arange(12), 4)
+    spec = _spec(identities_per_batch=10, images_per_identity=4, test_fraction=0.2)
+    with pytest.raises(ValueError) as e:
+        splits.check_feasible(labels, None, spec, "test", what="faces/")
+    message = str(e.value)
+    assert "config.data.identities_per_batch (P) = 10" in message
+    assert "train split of faces/ has 9 identities" in message
+    assert "set config.data.identities_per_batch <= 9" in message
+    assert "config.data.val_fraction / config.data.test_fraction" in message
+    assert "sample_with_replacement" not in message  # Already True: not a fix.
+    assert _feasible(labels, dataclasses.replace(spec, identities_per_batch=9))
+    # Without replacement, identities with fewer than K images cannot be drawn: suggested then.
+    few = np.repeat(np.arange(12), [2] * 6 + [5] * 6)
+    strict = _spec(
+        identities_per_batch=6,
+        images_per_identity=4,
+        sample_with_replacement=False,
+        test_fraction=0.2,
+    )
+    with pytest.raises(ValueError, match="set config.data.sample_with_replacement=True"):
+        splits.check_feasible(few, None, strict, "test")
+    assert _feasible(few, dataclasses.replace(strict, sample_with_replacement=True))
+
+
+def test_too_few_held_out_identities_suggest_the_smallest_fraction_that_works():
+    labels = np.repeat(np.arange(12), 3)
+    spec = _spec(identities_per_batch=4, val_fraction=0.1, test_fraction=0.1)
+    # round(0.1 * 12) = 1 identity in test: no different pair.
+    with pytest.raises(ValueError) as e:
+        splits.check_feasible(labels, None, spec, "test")
+    message = str(e.value)
+    assert "config.eval.split = 'test'" in message and "holds 1 identities" in message
+    suggested = float(message.split("to ")[-1].split(";")[0].split()[0])
+    assert "raise config.data.test_fraction (now 0.1)" in message
+    # The suggestion is the smallest multiple of 0.05 that works (checked one by one here).
+    works = [
+        f
+        for f in np.arange(2, 18) * 0.05
+        if _feasible(labels, dataclasses.replace(spec, test_fraction=round(float(f), 2)))
+    ]
+    assert suggested == pytest.approx(works[0])
+    # Three identities in all: no fraction works; the message says so instead of a value.
+    with pytest.raises(ValueError, match="add identities"):
+        splits.check_feasible(
+            np.repeat(np.arange(3), 4), None, _spec(identities_per_batch=2), "val"
+        )
+    with pytest.raises(ValueError, match="config.eval.split"):
+        splits.check_feasible(labels, None, spec, "holdout")
+
+
+def test_fixed_splits_are_checked_as_given():
+    labels = np.repeat(np.arange(10), 5)
+    parts = {
+        "train": np.flatnonzero(labels < 7),
+        "val": np.flatnonzero(labels >= 7),
+        "test": np.flatnonzero(labels >= 7),
+    }
+    spec = _spec(source="digits", identities_per_batch=7)
+    splits.check_feasible(labels, None, spec, "test", parts)
+    with pytest.raises(ValueError, match=r"P\) = 8.*has 7 identities") as e:
+        splits.check_feasible(
+            labels, None, dataclasses.replace(spec, identities_per_batch=8), "val", parts
+        )
+    assert "val_fraction" not in str(e.value)  # The digit sources do not split by fraction.
+
+
+@pytest.mark.parametrize("by", ["identity", "image"])
+def test_the_listing_check_never_refuses_what_decoding_could_allow(by):
+    """check_listing raises only if every subset of the listed files (what decoding may keep)
+    fails check_feasible: brute force over random trees and random subsets."""
+    rng = np.random.default_rng(0)
+    refused = 0
+    for trial in range(40):
+        n_ids = int(rng.integers(2, 12))
+        labels = np.repeat(np.arange(n_ids), rng.integers(1, 6, n_ids))
+        groups = (labels % int(rng.integers(1, 3))).astype(np.int64)
+        spec = _spec(
+            split_by=by,
+            identities_per_batch=int(rng.integers(2, 6)),
+            images_per_identity=int(rng.integers(2, 5)),
+            sample_with_replacement=bool(rng.integers(2)),
+            min_images_per_identity=int(rng.integers(1, 4)),
+            val_fraction=float(rng.choice([0.0, 0.1, 0.25])),
+            test_fraction=float(rng.choice([0.1, 0.25, 0.4])),
+            split_seed=trial,
+        )
+        eval_split = str(rng.choice(["val", "test"])) if spec.val_fraction else "test"
+        try:
+            splits.check_listing(labels, groups, spec, eval_split, "tree")
+            continue
+        except ValueError as e:
+            assert "before decoding" in str(e)
+        refused += 1
+        for _ in range(15):
+            keep = rng.random(len(labels)) < rng.uniform(0.3, 1.0)
+            kept, kept_groups = labels[keep], groups[keep]
+            if len(kept):
+                try:
+                    splits.check_feasible(kept, kept_groups, spec, eval_split)
+                except ValueError:
+                    continue
+                raise AssertionError(f"refused, but decoding {keep.sum()} files would work")
+    assert refused > 5  # The bound is not vacuous.
+
+
+def test_the_listing_bound_covers_rounding_that_favours_fewer_identities():
+    # 10 identities, 0.25 / 0.25: round(2.5) = 3 held out each way, 4 train. With one identity
+    # lost to bad files: round(2.25) = 2 each way, 5 train. P = 5 must not be refused early.
+    labels = np.repeat(np.arange(10), 3)
+    spec = _spec(identities_per_batch=5, val_fraction=0.25, test_fraction=0.25)
+    assert not _feasible(labels, spec)
+    splits.check_listing(labels, None, spec, "test", "tree")
+    assert _feasible(labels[labels != 9], spec)
