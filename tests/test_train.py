@@ -311,3 +311,51 @@ def test_triplet_state_keeps_its_checkpoint_layout_and_refuses_a_margin_config(t
     config.train.loss = "cosface"
     with pytest.raises(checkpoints.IncompatibleCheckpointError, match="train.loss"):
         train.train_and_evaluate(config, run)
+
+
+# ------------------------------------------------------------------- split and P x K feasibility
+
+
+def test_an_infeasible_folder_split_fails_before_preparation(tmp_path):
+    """P larger than the train identities failed after preparation, compilation and the baseline
+    evaluation, suggesting sample_with_replacement, which is already set."""
+    from tests.data import trees
+
+    root, data_dir, run = tmp_path / "faces", tmp_path / "tfds", tmp_path / "run"
+    trees.make_tree(str(root), groups=1, ids_per_group=6, images=3)
+    config = trees.folder_config(str(root), str(data_dir))
+    config.data.identities_per_batch = 8
+    with pytest.raises(ValueError) as e:
+        train.train_and_evaluate(config, str(run))
+    message = str(e.value)
+    assert "config.data.identities_per_batch (P) = 8" in message
+    assert "set config.data.identities_per_batch <= 2" in message  # 6 - round(1.5) - round(1.5)
+    assert "sample_with_replacement" not in message
+    assert not os.path.exists(data_dir) and not os.path.exists(run)  # Nothing prepared or written.
+    config.data.identities_per_batch = 2
+    config.data.val_fraction = config.data.test_fraction = 0.05  # round(0.3) = 0 test identities.
+    with pytest.raises(ValueError, match=r"config.eval.split = 'test'.*raise config.data.test_"):
+        train.train_and_evaluate(config, str(run))
+    assert not os.path.exists(data_dir) and not os.path.exists(run)
+
+
+def test_an_infeasible_split_fails_before_compiling(tmp_path, monkeypatch):
+    from tests.data import trees
+
+    def compile_step(*args, **kwargs):
+        raise AssertionError("compiled although the split cannot train or evaluate")
+
+    monkeypatch.setattr(train, "make_train_step", compile_step)
+    config = smoke.get_config()
+    config.data.identities_per_batch = 81  # digit_pairs: 80 training numbers.
+    with pytest.raises(ValueError, match=r"\(P\) = 81, but the train split .* has 80 identities"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    # One test identity (round(0.6) = 1): certain only once decoded (a bad file could turn a
+    # training identity into a held-out distractor), so refused after preparation.
+    root = tmp_path / "faces"
+    trees.make_tree(str(root), groups=1, ids_per_group=6, images=3)
+    config = trees.folder_config(str(root), str(tmp_path / "tfds"))
+    config.data.identities_per_batch = 2
+    config.data.val_fraction = config.data.test_fraction = 0.1
+    with pytest.raises(ValueError, match=r"holds 1 identities.*raise config.data.test_fraction"):
+        train.train_and_evaluate(config, str(tmp_path / "run2"))
