@@ -23,6 +23,7 @@ import dataclasses
 import math
 import os
 import tempfile
+import zipfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -84,25 +85,100 @@ class Gallery:
 
     @classmethod
     def load(cls, path: str) -> Gallery:
-        with np.load(path, allow_pickle=False) as z:
-            missing = {"embeddings", "names", "fingerprint", "threshold"} - set(z.files)
-            if missing:
-                raise ValueError(f"{path}: not a gallery file, missing {sorted(missing)}")
-            return cls(
-                embeddings=z["embeddings"],
-                names=[str(n) for n in z["names"]],
-                fingerprint=str(z["fingerprint"]),
-                threshold=float(z["threshold"]),
-                target_far=float(z["target_far"]) if "target_far" in z.files else math.nan,
+        """Reads and validates a gallery written by ``save``.
+
+        Raises:
+          ValueError naming ``path`` when the file is not a gallery: not a readable .npz (random
+          bytes, truncated, empty; pickled objects are never loaded), missing or mis-typed
+          entries, embeddings not [K, D] float with D >= 1, K names for K rows, duplicate names,
+          non-finite or non-unit templates, a negative or NaN threshold. The model fingerprint
+          is checked against the embedding model by ``check_fingerprint``.
+          FileNotFoundError when it does not exist.
+        """
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"gallery {path}: no such file")
+        if os.path.isdir(path):
+            raise ValueError(f"gallery {path}: is a folder, not a gallery .npz")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                files = set(z.files)
+                missing = {"embeddings", "names", "fingerprint", "threshold"} - files
+                if missing:
+                    raise ValueError(f"not a gallery file, missing {sorted(missing)}")
+                raw = {k: z[k] for k in files & {*_GALLERY_KEYS}}
+        except ValueError as e:
+            raise ValueError(f"gallery {path}: {_load_error(e)}") from e
+        except (OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+            raise ValueError(
+                f"gallery {path}: unreadable ({type(e).__name__}: {e}); re-enrol it"
+            ) from e
+        try:
+            return cls._validated(raw)
+        except ValueError as e:
+            raise ValueError(f"gallery {path}: {e}; re-enrol it") from e
+
+    @classmethod
+    def _validated(cls, raw: dict[str, np.ndarray]) -> Gallery:
+        """A Gallery from the arrays of a gallery file, each checked (ValueError says which)."""
+        emb, names = raw["embeddings"], raw["names"]
+        if emb.ndim != 2 or emb.shape[1] < 1 or emb.shape[0] < 1:
+            raise ValueError(f"embeddings must be [K, D] with K, D >= 1, got shape {emb.shape}")
+        if emb.dtype.kind != "f":
+            raise ValueError(f"embeddings must be float, got {emb.dtype}")
+        if names.ndim != 1 or names.dtype.kind != "U":
+            raise ValueError(f"names must be a 1-D string array, got {names.dtype} {names.shape}")
+        if len(names) != len(emb):
+            raise ValueError(f"{len(emb)} embeddings but {len(names)} names")
+        if len(set(names.tolist())) != len(names):
+            raise ValueError("duplicate names")
+        bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
+        if len(bad):
+            raise ValueError(f"{len(bad)} non-finite templates (first: {str(names[bad[0]])!r})")
+        norms = np.linalg.norm(emb.astype(np.float64), axis=1)
+        off = np.flatnonzero(np.abs(norms - 1.0) > 1e-3)
+        if len(off):
+            raise ValueError(
+                f"templates must have unit norm; {str(names[off[0]])!r} has {norms[off[0]]:.4g}"
+            )
+        scalars = {}
+        for key in ("fingerprint", "threshold", "target_far"):
+            if key in raw and raw[key].shape != ():
+                raise ValueError(f"{key} must be a scalar, got shape {raw[key].shape}")
+        if raw["fingerprint"].dtype.kind != "U":
+            raise ValueError(f"fingerprint must be a string, got {raw['fingerprint'].dtype}")
+        for key in ("threshold", "target_far"):
+            if key in raw:
+                if raw[key].dtype.kind not in "fiu":
+                    raise ValueError(f"{key} must be a number, got {raw[key].dtype}")
+                scalars[key] = float(raw[key])
+        if math.isnan(scalars["threshold"]) or scalars["threshold"] < 0:
+            raise ValueError(f"threshold must be >= 0 (or inf), got {scalars['threshold']}")
+        return cls(
+            embeddings=emb.astype(np.float32),
+            names=[str(n) for n in names],
+            fingerprint=str(raw["fingerprint"]),
+            threshold=scalars["threshold"],
+            target_far=scalars.get("target_far", math.nan),
+        )
+
+    def check_fingerprint(self, fingerprint: str, path: str = "") -> None:
+        """Raises ValueError (naming ``path``) if the gallery was enrolled with another model."""
+        if fingerprint != self.fingerprint:
+            enrolled = f"model {self.fingerprint!r}" if self.fingerprint else "an unknown model"
+            raise ValueError(
+                f"gallery {path + ' ' if path else ''}was enrolled with {enrolled}, not "
+                f"{fingerprint!r}; re-enrol it with this model"
             )
 
-    def check_fingerprint(self, fingerprint: str) -> None:
-        """Raises ValueError if the gallery was enrolled with another model."""
-        if self.fingerprint and fingerprint != self.fingerprint:
-            raise ValueError(
-                f"gallery was enrolled with model {self.fingerprint!r}, not {fingerprint!r}; "
-                "re-enrol with this model"
-            )
+
+_GALLERY_KEYS = ("embeddings", "names", "fingerprint", "threshold", "target_far")
+
+
+def _load_error(e: ValueError) -> str:
+    """NumPy's message for a file it cannot read, without its advice to unpickle it."""
+    if "pickle" in str(e):
+        return "not a gallery .npz (unreadable as NumPy arrays; pickled data is never loaded)"
+    return str(e)
 
 
 def enrol(
@@ -141,20 +217,32 @@ class Identification:
 
 
 def identify(
-    gallery: Gallery, probes: np.ndarray, threshold: float | None = None
+    gallery: Gallery,
+    probes: np.ndarray,
+    threshold: float | None = None,
+    max_block_elements: int = 1 << 22,
 ) -> Identification:
     """Nearest template of each probe [M, D]; rejected ("unknown") above the threshold.
 
-    ``threshold`` overrides the gallery's own.
+    ``threshold`` overrides the gallery's own. The [M, K] distances are computed for blocks of
+    ``max(1, max_block_elements // K)`` probes at a time, so memory beyond the inputs stays at
+    about ``max_block_elements`` float64 values (32 MiB) whatever M is.
     """
     t = gallery.threshold if threshold is None else threshold
-    p = unit_rows(probes).astype(np.float64)
+    p = unit_rows(probes)
     g = np.asarray(gallery.embeddings, np.float64)
     if p.ndim != 2 or p.shape[1] != g.shape[1]:
         raise ValueError(f"probes must be [M, {g.shape[1]}], got {p.shape}")
-    d = np.maximum((p * p).sum(1)[:, None] + (g * g).sum(1)[None, :] - 2.0 * p @ g.T, 0.0)  # [M, K]
-    nearest = np.argmin(d, axis=1)
-    dist = d[np.arange(len(p)), nearest]
+    g_sq = (g * g).sum(1)
+    nearest = np.zeros(len(p), np.int64)
+    dist = np.zeros(len(p), np.float64)
+    block = max(1, max_block_elements // max(1, len(g)))
+    for start in range(0, len(p), block):
+        q = p[start : start + block].astype(np.float64)
+        d = np.maximum((q * q).sum(1)[:, None] + g_sq[None, :] - 2.0 * q @ g.T, 0.0)  # [b, K]
+        k = np.argmin(d, axis=1)
+        nearest[start : start + block] = k
+        dist[start : start + block] = d[np.arange(len(q)), k]
     accepted = dist <= t
     names = [gallery.names[k] if a else UNKNOWN for k, a in zip(nearest, accepted, strict=True)]
     return Identification(names, nearest, dist, accepted)
@@ -164,13 +252,18 @@ def identify(
 
 
 def comparison_distances(
-    embeddings: np.ndarray, labels: np.ndarray, max_comparisons: int = 2_000_000, seed: int = 0
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    max_comparisons: int = 2_000_000,
+    seed: int = 0,
+    block_elements: int = 1 << 22,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Genuine and impostor squared distances between the L2-normalised rows.
 
     Every unordered pair of distinct rows is used when there are at most ``max_comparisons``
     of them; otherwise ``max_comparisons`` pairs are drawn (half genuine, half impostor) with
-    ``verification.sample_pairs``.
+    ``verification.sample_pairs``, their distances computed ``block_elements // D`` pairs at a
+    time (memory: the [P] distances plus about ``block_elements`` values, not 3 x [P, D]).
 
     Returns:
       ``(genuine, impostor)``: 1-D float64 arrays of distances.
@@ -182,7 +275,14 @@ def comparison_distances(
     n = len(labels)
     if n * (n - 1) // 2 > max_comparisons:
         i, j, same = verification.sample_pairs(labels, max_comparisons, seed)
-        d = verification.pair_distances(e, i, j)
+        # In blocks of pairs: the gathered rows of all pairs at once are 3 x [P, D] float64.
+        block = max(1, block_elements // e.shape[1])
+        d = np.concatenate(
+            [
+                verification.pair_distances(e, i[s : s + block], j[s : s + block])
+                for s in range(0, len(i), block)
+            ]
+        )
         return d[same], d[~same]
     genuine, impostor = [], []
     sq = (e * e).sum(1)

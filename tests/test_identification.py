@@ -140,3 +140,87 @@ def test_unit_rows_is_the_models_l2_normalize():
     assert u.dtype == np.float32 and u.shape == x.shape
     norms = np.linalg.norm(x, axis=-1, keepdims=True)
     np.testing.assert_allclose(u, np.where(norms > 0, x / np.maximum(norms, 1e-12), 0), atol=1e-6)
+
+
+# ------------------------------------------------------------------ gallery files, validated
+
+
+def _bad_gallery(tmp_path, name, **entries):
+    g = ident.enrol(np.eye(5, 8), list("abcde"), "model-x", threshold=0.5)
+    arrays = dict(
+        embeddings=g.embeddings,
+        names=np.asarray(g.names),
+        fingerprint=np.asarray("model-x"),
+        threshold=np.float64(0.5),
+    )
+    arrays.update(entries)
+    path = str(tmp_path / name)
+    with open(path, "wb") as f:
+        np.savez(f, **{k: v for k, v in arrays.items() if v is not None})
+    return path
+
+
+def test_gallery_load_rejects_bad_files_naming_them(tmp_path):
+    good = ident.enrol(np.eye(5, 8), list("abcde"), "model-x", threshold=0.5)
+    good.save(str(tmp_path / "good.npz"))
+    data = (tmp_path / "good.npz").read_bytes()
+    (tmp_path / "random.npz").write_bytes(np.random.default_rng(0).bytes(4096))
+    (tmp_path / "truncated.npz").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.npz").write_bytes(b"")
+    np.save(tmp_path / "pickled.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    cases = {
+        "random.npz": "not a gallery|unreadable",
+        "truncated.npz": "unreadable|not a gallery",
+        "empty.npz": "unreadable|not a gallery",
+        "pickled.npy": "not a gallery",
+        _bad_gallery(tmp_path, "names.npz", names=np.asarray(list("abcdefghijkl"))): (
+            "5 embeddings but 12 names"
+        ),
+        _bad_gallery(tmp_path, "nan.npz", embeddings=np.full((5, 8), np.nan, np.float32)): (
+            "5 non-finite templates"
+        ),
+        _bad_gallery(tmp_path, "shape.npz", embeddings=np.ones(8, np.float32)): r"\[K, D\]",
+        _bad_gallery(tmp_path, "norm.npz", embeddings=np.ones((5, 8), np.float32)): "unit norm",
+        _bad_gallery(tmp_path, "dup.npz", names=np.asarray(list("aacde"))): "duplicate names",
+        _bad_gallery(tmp_path, "t.npz", threshold=np.float64(np.nan)): "threshold",
+        _bad_gallery(tmp_path, "fp.npz", fingerprint=np.zeros(3)): "fingerprint",
+    }
+    for name, match in cases.items():
+        path = name if os.path.isabs(name) else str(tmp_path / name)
+        with pytest.raises(ValueError, match=match) as info:
+            ident.Gallery.load(path)
+        message = str(info.value)
+        assert path in message, message
+        assert "allow_pickle" not in message and "\n" not in message, message
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        ident.Gallery.load(str(tmp_path / "missing.npz"))
+    back = ident.Gallery.load(str(tmp_path / "good.npz"))
+    with pytest.raises(ValueError, match="good.npz was enrolled with model 'model-x'"):
+        back.check_fingerprint("model-y", str(tmp_path / "good.npz"))
+    nameless = ident.enrol(np.eye(2), ["a", "b"])  # enrolled without a fingerprint
+    with pytest.raises(ValueError, match="unknown model"):
+        nameless.check_fingerprint("model-x")
+
+
+def test_identify_in_blocks_equals_all_probes_at_once():
+    e, labels = clusters(7, 3, seed=5)
+    g = ident.enrol(e, [f"p{k}" for k in labels], threshold=0.4)
+    probes = np.random.default_rng(6).normal(size=(53, 16))
+    whole = ident.identify(g, probes, max_block_elements=10**9)
+    for block_elements in (1, 7, 50):  # 1 probe, 1 probe (K = 7), 7 probes per block
+        part = ident.identify(g, probes, max_block_elements=block_elements)
+        assert part.names == whole.names
+        np.testing.assert_array_equal(part.nearest, whole.nearest)
+        np.testing.assert_allclose(part.distance, whole.distance, atol=1e-12)
+
+
+def test_sampled_comparison_distances_in_blocks_equal_one_block():
+    e, labels = clusters(20, 4, seed=7)
+    one = ident.comparison_distances(e, labels, max_comparisons=300, block_elements=10**9)
+    for block_elements in (1, 16, 1000):  # 1 pair per block, 1 pair (D = 16), 62 pairs
+        blocks = ident.comparison_distances(
+            e, labels, max_comparisons=300, block_elements=block_elements
+        )
+        for a, b in zip(one, blocks, strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert len(one[0]) + len(one[1]) == 300
