@@ -21,6 +21,7 @@ variables are rebuilt from ``config.model`` alone (``init_variables``), not from
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
@@ -37,11 +38,20 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from facenet_jax import checkpoints, models, parallel
-from facenet_jax.data import files, preprocessing, sampling
+from facenet_jax.data import (
+    alignment,
+    detection_cache,
+    face_detection,
+    files,
+    preprocessing,
+    sampling,
+)
 from facenet_jax.data.spec import DataSpec
 from facenet_jax.labels import IGNORE_LABEL
 
 MIN_BATCH = 8  # Smallest padded batch: embedding 1 or 2 files compiles one small shape.
+CHUNK = 1024  # embed_files: files read, detected and decoded together (bounded memory).
+LOAD_THREADS = 4  # embed_files: decode/crop threads (OpenCV and Pillow release the GIL).
 log = logging.getLogger(__name__)
 
 
@@ -125,6 +135,33 @@ def list_images(root: str, group_depth: int = 0, flat_ok: bool = False) -> Image
         return ImageSet(os.path.abspath(root), flat, np.arange(n), names, np.zeros(n, int), ["all"])
 
 
+def _try(fn, *args):
+    """``fn(*args)``, or the OSError/ValueError it raised (returned, for a worker's caller)."""
+    try:
+        return fn(*args)
+    except (OSError, ValueError) as e:
+        return e
+
+
+def _load_read(job) -> np.ndarray | Exception:
+    """``load_bytes`` of (bytes or the read error, spec, name, face box); errors returned."""
+    data, spec, name, face_box = job
+    return data if isinstance(data, Exception) else _try(load_bytes, data, spec, name, face_box)
+
+
+def read_bytes(root: str | None, rel: str) -> bytes:
+    """The encoded bytes of ``rel`` under ``root`` (a folder, zip, folder in a zip; None: ``rel``
+    is a path). Raises OSError naming the file."""
+    name = rel if root is None else f"{root}/{rel}"
+    try:
+        if root is None:
+            with open(rel, "rb") as f:
+                return f.read()
+        return files.read_file(root, rel)
+    except OSError as e:
+        raise OSError(f"cannot read image file {name}: {e}") from e
+
+
 def load_file(root: str | None, rel: str, spec: DataSpec) -> np.ndarray:
     """One image file as training sees it: [S, S, C] float32 in [-1, 1].
 
@@ -132,14 +169,44 @@ def load_file(root: str | None, rel: str, spec: DataSpec) -> np.ndarray:
     ``root`` is None. The bytes go through ``preprocessing.load_image_bytes``, the steps of a
     training record. Raises OSError (unreadable) or ValueError (not an image), naming the file.
     """
-    if root is None:
-        return preprocessing.load_image(rel, spec)
-    name = f"{root}/{rel}"
+    name = rel if root is None else f"{root}/{rel}"
+    return preprocessing.load_image_bytes(read_bytes(root, rel), spec, name)
+
+
+def _align_landmarks(data: bytes, spec: DataSpec) -> np.ndarray | None:
+    """crop=align finder (picklable): the landmarks of ``data``'s canonical encoding, as
+    ``load_image_bytes`` looks them up (also cached under that encoding's key)."""
+    stored, _ = preprocessing.canonical_encoding(data)
+    return preprocessing.face_landmarks(stored, spec)
+
+
+def find_faces(datas: Sequence[bytes], spec: DataSpec, num_workers: int = 0) -> list | None:
+    """What crop=detect / crop=align needs of every image, from the content-keyed detection cache,
+    the misses found in ``num_workers`` processes (``detection_cache.fill``; 0 = one per core).
+
+    Returns [N] relative face boxes (detect; None: no face or not an image), or None for other
+    crops; align fills the landmark cache that ``load_image_bytes`` reads, and returns None.
+    """
+    if spec.crop == "detect":
+        return face_detection.cached_boxes(list(datas), spec.detector, num_workers)
+    if spec.crop == "align":
+        find = functools.partial(_align_landmarks, spec=spec)
+        detection_cache.fill(datas, find, alignment.get_cache(spec.detector), num_workers)
+    return None
+
+
+def load_bytes(data: bytes, spec: DataSpec, name: str, face_box=None) -> np.ndarray:
+    """``load_image_bytes`` with crop=detect's ``face_box`` already found (``find_faces``; None:
+    no face, the center crop, with the same warning). [S, S, C] float32 in [-1, 1]."""
+    if spec.crop != "detect":
+        return preprocessing.load_image_bytes(data, spec, name)
     try:
-        data = files.read_file(root, rel)
-    except OSError as e:
-        raise OSError(f"cannot read image file {name}: {e}") from e
-    return preprocessing.load_image_bytes(data, spec, name)
+        stored, _ = preprocessing.canonical_encoding(data)
+    except ValueError as e:
+        raise ValueError(f"image file {name}: {e}") from e
+    if face_box is None:
+        log.warning("crop=detect: no face found in %s; using the center crop", name)
+    return preprocessing.preprocess_image(stored, spec, face_box)
 
 
 # ------------------------------------------------------------------------------- embedder
@@ -254,10 +321,14 @@ class Embedder:
         crop: str | None = None,
         skip_bad: bool = False,
         progress: bool = False,
+        workers: int = 0,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Embeds image files (``load_file``) under ``root``, or paths when root is None.
 
         Undecodable files raise, or with ``skip_bad`` are skipped with a warning naming each.
+        Files go in chunks of ``CHUNK``: read, their faces found (crop=detect/align:
+        ``find_faces``, cached per content, misses in ``workers`` processes, 0 = one per core),
+        decoded and cropped on ``LOAD_THREADS`` threads, embedded in batches.
 
         Returns:
           ``(embeddings [n_ok, d] float32, ok [N] bool)``.
@@ -271,19 +342,34 @@ class Embedder:
         bar = tqdm(
             total=len(paths), desc="embed", unit="img", disable=not progress, file=sys.stderr
         )
-        for start in range(0, len(paths), b):
-            images = []
-            for k in range(start, min(start + b, len(paths))):
-                try:
-                    images.append(load_file(root, paths[k], spec))
-                except (OSError, ValueError) as e:
+        chunk = max(b, CHUNK)
+        with concurrent.futures.ThreadPoolExecutor(LOAD_THREADS) as threads:
+            for start in range(0, len(paths), chunk):
+                ks = range(start, min(start + chunk, len(paths)))
+                read = list(
+                    threads.map(functools.partial(_try, read_bytes, root), [paths[k] for k in ks])
+                )
+                good = [k for k, r in zip(ks, read, strict=True) if isinstance(r, bytes)]
+                boxes = find_faces([read[k - start] for k in good], spec, workers)
+                boxes = iter([None] * len(good) if boxes is None else boxes)
+                names = [paths[k] if root is None else f"{root}/{paths[k]}" for k in ks]
+                args = [
+                    (r, spec, n, next(boxes) if isinstance(r, bytes) else None)
+                    for r, n in zip(read, names, strict=True)
+                ]
+                loaded = list(threads.map(_load_read, args))
+                images = []
+                for k, x in zip(ks, loaded, strict=True):
+                    if isinstance(x, np.ndarray):
+                        images.append(x)
+                        continue
                     if not skip_bad:
-                        raise
+                        raise x
                     ok[k] = False
-                    log.warning("skipping %s", e)
-            bar.update(min(b, len(paths) - start))
-            if images:
-                out.append(self._embed_batch(np.stack(images), b, flip))
+                    log.warning("skipping %s", x)
+                for s in range(0, len(images), b):
+                    out.append(self._embed_batch(np.stack(images[s : s + b]), b, flip))
+                bar.update(len(ks))
         bar.close()
         if (~ok).any():
             log.warning("skipped %d of %d files that could not be read", (~ok).sum(), len(paths))

@@ -16,12 +16,12 @@ the model sees one geometry at training, evaluation and on new photos.
   as sub-pixel floats (the package's ``detect_faces`` truncates them to ints, a 1.5-degree rotation
   error on a 108-pixel face). With several faces, the one FaceNet's ``align_dataset_mtcnn`` picks:
   largest box area minus twice the squared distance of its centre from the image centre.
-* Cache: landmarks depend only on the encoded bytes, so they are cached per content hash (SHA-1 of
-  the bytes) on disk, one small JSON file per image under ``$FACENET_JAX_CACHE`` (default
-  ``~/.cache/facenet_jax``)``/landmarks/<detector>-v1/``, written atomically (temporary file then
-  ``os.replace``), so concurrent writers (grain workers, several runs) never leave a partial entry.
+* Cache: landmarks depend only on the encoded bytes, so they are cached per content hash with
+  ``detection_cache`` (the mechanism crop=detect's boxes share), under ``$FACENET_JAX_CACHE``
+  (default ``~/.cache/facenet_jax``)``/landmarks/<detector>-v1/``, one atomic JSON file per image;
   "No face" is cached too. Landmarks are stored as fractions of the image (pixel corners at 0 and
-  1), so they hold for the image decoded at any JPEG DCT scale.
+  1), so they hold for the image decoded at any JPEG DCT scale. ``survey_landmarks`` finds a
+  dataset's misses in parallel processes (``detection_cache.fill``).
 
 Coordinates: ``[..., 2]`` arrays are (x, y) pixels with pixel centres at integers (OpenCV's
 convention), landmark order as above.
@@ -29,17 +29,13 @@ convention), landmark order as above.
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
-import hashlib
-import json
 import logging
-import multiprocessing
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 
 import numpy as np
+
+from facenet_jax.data import detection_cache
 
 # ArcFace's 112x112 template (insightface ``arcface_dst``): (x, y) of the left eye, right eye,
 # nose tip, left and right mouth corner, pixel centres at integers.
@@ -54,7 +50,6 @@ ARCFACE_TEMPLATE = np.array(
     np.float64,
 )
 ARCFACE_SIZE = 112
-CACHE_VERSION = 1  # Bump when stored landmarks change meaning (detector settings, convention).
 
 LandmarkDetector = Callable[[np.ndarray], "np.ndarray | None"]
 
@@ -246,109 +241,40 @@ def detect_landmarks(image: np.ndarray, detector: str = "mtcnn") -> np.ndarray |
 
 # -------------------------------------------------------------------- cache
 
-
-def default_cache_dir() -> str:
-    """``$FACENET_JAX_CACHE`` or ``$XDG_CACHE_HOME/facenet_jax`` or ``~/.cache/facenet_jax``."""
-    root = os.environ.get("FACENET_JAX_CACHE")
-    if not root:
-        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(xdg, "facenet_jax")
-    return root
+default_cache_dir = detection_cache.default_cache_dir
+content_key = detection_cache.content_key
 
 
-class LandmarkCache:
-    """Content hash -> relative landmarks [5, 2] (or None: no face), in memory and on disk.
-
-    One JSON file per image, ``<directory>/<hash[:2]>/<hash>.json``, written to a temporary file in
-    the same folder and renamed over the target (atomic on POSIX), so readers see a whole entry or
-    none and concurrent writers of the same image (who write the same value) cannot corrupt it. An
-    unreadable or unwritable cache is skipped with one warning; alignment still works.
-    """
+class LandmarkCache(detection_cache.DetectionCache):
+    """Content hash -> relative landmarks [5, 2] (or None: no face): ``detection_cache``'s
+    mechanism (atomic JSON per image, ``{"landmarks": [[x, y] x 5] | null}``)."""
 
     def __init__(self, directory: str):
-        self.directory = directory
-        self._memory: dict[str, np.ndarray | None] = {}
-        self._warned = False
-
-    def _path(self, key: str) -> str:
-        return os.path.join(self.directory, key[:2], key + ".json")
-
-    def get(self, key: str) -> tuple[bool, np.ndarray | None]:
-        """``(hit, landmarks or None)``."""
-        if key in self._memory:
-            return True, self._memory[key]
-        try:
-            with open(self._path(key)) as f:
-                entry = json.load(f)
-        except (OSError, ValueError):
-            return False, None
-        value = entry.get("landmarks")
-        landmarks = None if value is None else np.asarray(value, np.float64).reshape(5, 2)
-        self._memory[key] = landmarks
-        return True, landmarks
-
-    def put(self, key: str, landmarks: np.ndarray | None) -> None:
-        self._memory[key] = landmarks
-        value = None if landmarks is None else np.asarray(landmarks, float).tolist()
-        folder = os.path.dirname(self._path(key))
-        try:
-            os.makedirs(folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump({"landmarks": value}, f)
-                os.replace(tmp, self._path(key))
-            except BaseException:
-                os.unlink(tmp)
-                raise
-        except OSError as e:
-            if not self._warned:
-                self._warned = True
-                logging.warning("landmark cache %s is not writable (%s)", self.directory, e)
+        super().__init__(directory, "landmarks", (5, 2))
 
 
-def get_cache(detector: str, directory: str | None = None) -> LandmarkCache:
-    """The process's cache for ``detector`` under ``directory`` (default_cache_dir())."""
-    root = directory or default_cache_dir()
-    return _cache_at(os.path.join(root, "landmarks", f"{detector}-v{CACHE_VERSION}"))
-
-
-@functools.cache
-def _cache_at(folder: str) -> LandmarkCache:
-    return LandmarkCache(folder)
-
-
-def content_key(data: bytes) -> str:
-    """The cache key of encoded image bytes: their SHA-1, hex."""
-    return hashlib.sha1(data).hexdigest()
+def get_cache(detector: str, directory: str | None = None) -> detection_cache.DetectionCache:
+    """The process's landmark cache for ``detector`` under ``directory`` (default_cache_dir())."""
+    return detection_cache.get_cache("landmarks", "landmarks", (5, 2), detector, directory)
 
 
 def cached_landmarks(
     data: bytes,
     decode_rgb: Callable[[], np.ndarray],
     detector: str = "mtcnn",
-    cache: LandmarkCache | None = None,
+    cache: detection_cache.DetectionCache | None = None,
 ) -> np.ndarray | None:
     """Relative landmarks [5, 2] of the encoded image ``data`` (None: no face), cached.
 
     ``decode_rgb()`` decodes ``data`` to [H, W, 3] uint8; it runs only on a cache miss.
     """
-    cache = cache or get_cache(detector)
-    key = content_key(data)
-    hit, landmarks = cache.get(key)
-    if hit:
-        return landmarks
-    image = decode_rgb()
-    found = detect_landmarks(image, detector)
-    landmarks = None if found is None else to_relative(found, *image.shape[:2])
-    cache.put(key, landmarks)
-    return landmarks
 
+    def find() -> np.ndarray | None:
+        image = decode_rgb()
+        found = detect_landmarks(image, detector)
+        return None if found is None else to_relative(found, *image.shape[:2])
 
-def _has_face(job: tuple[Callable[[bytes], np.ndarray | None], bytes]) -> bool:
-    """Worker of ``survey_landmarks``: finds (and caches) one image's landmarks."""
-    find, data = job
-    return find(data) is not None
+    return detection_cache.cached(data, find, cache or get_cache(detector))
 
 
 def survey_landmarks(
@@ -361,35 +287,25 @@ def survey_landmarks(
 
     Args:
       named: (name, encoded bytes) of every image.
-      find: bytes -> cached landmarks or None (``preprocessing.face_landmarks`` bound to the
+      find: bytes -> relative landmarks or None (``preprocessing.face_landmarks`` bound to the
         spec; picklable), run only for images the cache of ``detector`` does not hold yet.
       detector: the landmark detector's name (its cache).
-      num_workers: detector processes, spawned (0 = one per core; in-process below 500 images).
+      num_workers: detector processes, spawned (0 = one per core; in-process below
+        ``detection_cache.MIN_PARALLEL`` images to find), see ``detection_cache.fill``.
 
     Each name without a face is logged (the first 20) and all are counted in one warning: they
     use the center crop.
     """
-    cache = get_cache(detector)
-    missing, no_face, total = [], [], 0
+    names, datas = [], []
     for name, data in named:
-        total += 1
-        hit, landmarks = cache.get(content_key(data))
-        if not hit:
-            missing.append((name, data))
-        elif landmarks is None:
-            no_face.append(name)
-    workers = num_workers or os.cpu_count() or 1
-    jobs = [(find, data) for _, data in missing]
-    if missing:
-        logging.info("crop=align: finding the landmarks of %d images", len(missing))
-    if workers > 1 and len(jobs) >= 500:
-        # Spawned, not forked: the caller may hold JAX's threads, which fork would copy broken.
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            found = list(pool.map(_has_face, jobs, chunksize=32))
-    else:
-        found = [_has_face(job) for job in jobs]
-    no_face += [name for (name, _), ok in zip(missing, found, strict=True) if not ok]
+        names.append(name)
+        datas.append(data)
+    cache = get_cache(detector)
+    todo = sum(not cache.get(content_key(d))[0] for d in datas)
+    if todo:
+        logging.info("crop=align: finding the landmarks of %d images", todo)
+    found = detection_cache.fill(datas, find, cache, num_workers)
+    no_face = [name for name, value in zip(names, found, strict=True) if value is None]
     for name in no_face[:20]:
         logging.warning("crop=align: no face found in %s; using the center crop", name)
     if no_face:
@@ -397,6 +313,6 @@ def survey_landmarks(
             "crop=align (%s): no face found in %d of %d images; they use the center crop",
             detector,
             len(no_face),
-            total,
+            len(names),
         )
     return no_face

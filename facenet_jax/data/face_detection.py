@@ -141,3 +141,38 @@ def detect_relative(image: np.ndarray, detector: str) -> Box | None:
     if rel[2] - rel[0] <= 0 or rel[3] - rel[1] <= 0:
         return None
     return tuple(float(v) for v in rel)
+
+
+def box_cache(detector: str, directory: str | None = None):
+    """The process's cache of relative face boxes [4] for ``detector`` (``detection_cache``)."""
+    from facenet_jax.data import detection_cache
+
+    return detection_cache.get_cache("boxes", "box", (4,), detector, directory)
+
+
+def find_box(data: bytes, detector: str) -> np.ndarray | None:
+    """The relative face box [4] of encoded ``data`` as folder preparation finds it, or None.
+
+    ``preprocessing.canonical_face``: the whole image decoded by Pillow to L or RGB, then
+    ``detect_relative``. Raises ValueError when ``data`` is not an image. Module-level and
+    picklable: ``detection_cache.fill`` runs it in detector processes.
+    """
+    from facenet_jax.data import preprocessing
+
+    _, box = preprocessing.canonical_face(data, detector)
+    return None if box is None else np.asarray(box, np.float64)
+
+
+def cached_boxes(
+    datas: list[bytes], detector: str, num_workers: int = 0, directory: str | None = None
+) -> list[Box | None]:
+    """The relative face box of every encoded image in ``datas`` (None: no face or not an
+    image), from the content-keyed cache, the misses found in ``num_workers`` processes
+    (``detection_cache.fill``; 0 = one per core)."""
+    from facenet_jax.data import detection_cache
+
+    cache = box_cache(detector, directory)
+    found = detection_cache.fill(
+        datas, functools.partial(find_box, detector=detector), cache, num_workers
+    )
+    return [None if b is None else tuple(float(v) for v in b) for b in found]
