@@ -75,13 +75,76 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The config a workdir was trained with."""
+def load_config(workdir: str, fill_missing: bool = True) -> ml_collections.ConfigDict:
+    """The config a workdir was trained with.
+
+    A run trained before a config field existed has a config.json without it: with
+    ``fill_missing`` such fields take configs/default.py's values, named in one logged line.
+    """
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"--workdir {workdir}: no such directory")
     path = config_path(workdir)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: {workdir!r} is not a facenet_jax run directory")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        raise FileNotFoundError(
+            f"--workdir {workdir}: no config.json, not a facenet_jax run directory (train one "
+            "with python -m facenet_jax.main --workdir=...)"
+        )
+    try:
+        with open(path) as f:
+            config = ml_collections.ConfigDict(json.load(f))
+    except ValueError as e:
+        raise ValueError(f"{path}: not a readable config ({e})") from e
+    if fill_missing:
+        added = fill_missing_fields(config, default_config())
+        if added:
+            logging.warning(
+                "%s predates config field(s) %s: using configs/default.py's values %s",
+                path,
+                ", ".join(added),
+                ", ".join(f"{k}={_get(config, k)!r}" for k in added),
+            )
+    return config
+
+
+def default_config() -> ml_collections.ConfigDict | None:
+    """configs/default.py's ``get_config()`` (None when the repository's configs/ is absent)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    path = os.path.join(path, "default.py")
+    if not os.path.exists(path):
+        return None
+    import importlib.util  # noqa: PLC0415 -- only when a config is loaded.
+
+    spec = importlib.util.spec_from_file_location("_facenet_default_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def fill_missing_fields(
+    config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict | None
+) -> list[str]:
+    """Adds to ``config`` (in place) every leaf field of ``defaults`` it lacks; returns their
+    dotted names (sorted). Fields ``config`` has are kept, even where ``defaults`` lacks them."""
+    if defaults is None:
+        return []
+    have = _flatten(_as_dict(config))
+    added = []
+    for name, value in sorted(_flatten(_as_dict(defaults)).items()):
+        if name in have:
+            continue
+        *sections, leaf = name.split(".")
+        node = config
+        for part in sections:
+            if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+                if part in node:  # A leaf where the default has a section: leave it.
+                    node = None
+                    break
+                node[part] = ml_collections.ConfigDict()
+            node = node[part]
+        if node is not None:
+            node[leaf] = value
+            added.append(name)
+    return added
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -99,7 +162,7 @@ def check_compatible(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Raises IncompatibleCheckpointError (one line) if workdir holds another state layout."""
     if not os.path.exists(config_path(workdir)):
         return
-    saved = load_config(workdir)
+    saved = load_config(workdir, fill_missing=False)
     diffs = []
     for field, meaning in STATE_DEFINING_FIELDS.items():
         try:
@@ -379,7 +442,7 @@ def _incompatible_message(
 ) -> str:
     fields = ""
     if config is not None and os.path.exists(config_path(workdir)):
-        diffs = config_differences(load_config(workdir), config)
+        diffs = config_differences(load_config(workdir, fill_missing=False), config)
         if diffs:
             fields = "; config fields that differ from the run's config.json: " + ", ".join(diffs)
     return (

@@ -195,3 +195,37 @@ def test_training_removes_temporary_dirs_readers_do_not(tmp_path, config, fresh_
     checkpoints.create_manager(workdir, config, for_training=True).close()
     assert not os.path.exists(leftover)
     assert int(_restore(workdir, config, fresh_state).step) == 3
+
+
+def test_load_config_fills_fields_an_old_run_lacks(tmp_path, config, caplog):
+    """A config.json written before data.align_margin (and a whole later section) existed still
+    loads: the missing fields take configs/default.py's values, named in one warning."""
+    import json
+
+    from configs import default
+    from facenet_jax.data.spec import DataSpec
+
+    old = config.to_dict()
+    del old["data"]["align_margin"]
+    del old["eval"]
+    old["data"]["image_size"] = 24  # A stored value is kept, whatever the default.
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    with caplog.at_level(logging.WARNING):
+        loaded = checkpoints.load_config(str(tmp_path))
+    defaults = default.get_config()
+    assert loaded.data.align_margin == defaults.data.align_margin
+    assert loaded.eval.to_dict() == defaults.eval.to_dict()
+    assert loaded.data.image_size == 24 and loaded.model.to_dict() == config.model.to_dict()
+    DataSpec.from_config(loaded.data)  # What every CLI command does with a run's config.
+    lines = [r.getMessage() for r in caplog.records if "predates" in r.getMessage()]
+    assert len(lines) == 1 and "data.align_margin" in lines[0] and "eval.split" in lines[0]
+    assert "config.json" in lines[0]
+    raw = checkpoints.load_config(str(tmp_path), fill_missing=False)
+    assert "align_margin" not in raw.data and "eval" not in raw
+
+
+def test_load_config_names_a_missing_or_empty_workdir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        checkpoints.load_config(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        checkpoints.load_config(str(tmp_path))
