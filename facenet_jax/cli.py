@@ -36,11 +36,22 @@ from typing import Any
 
 import numpy as np
 
-from facenet_jax import export, identification, inference
+from facenet_jax import checkpoints, export, identification, inference, usage
+from facenet_jax import workdir as workdir_lib
 from facenet_jax.data import spec
 from facenet_jax.evaluate import pairs, report, similarity_head, verification
 
 log = logging.getLogger("facenet_jax.cli")
+
+# Mistakes of the user or the environment: one line on stderr (usage.fail's format), exit 2;
+# --verbosity=1 re-raises them with their traceback.
+USER_ERRORS = (
+    ValueError,  # Bad values and files (each message names the file or the flag).
+    OSError,  # Missing files and folders, permissions, a full disk.
+    export.MissingExtraError,
+    workdir_lib.WorkdirLockedError,
+    checkpoints.NonFiniteStateError,
+)
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -65,21 +76,51 @@ def _finite_or_none(x: float) -> float | None:
 
 
 def _run_threshold(args) -> float:
-    """The run's verification threshold: WORKDIR/eval.json, or with --model alone the one its
-    export contract recorded."""
+    """The verification threshold of the network the command embeds with: WORKDIR/eval.json's
+    trained one (the final step), its untrained baseline's with --untrained, or with --model
+    alone the one the export contract recorded. Any other --step has no threshold of its own:
+    ValueError asking for --threshold."""
     if args.model and not args.workdir:
         t = export.contract.read(args.model)["output"].get("threshold")
         if t is None:
             raise ValueError(f"the contract of {args.model} records no threshold; pass --threshold")
         return float(t)
+    if args.untrained:
+        return report.run_threshold(args.workdir, "untrained")
+    final = checkpoints.load_config(args.workdir).train.num_steps
+    if args.step is not None and args.step != final:
+        raise ValueError(
+            f"--step {args.step}: {args.workdir}/eval.json holds the threshold of the final "
+            f"network (step {final}), not of step {args.step}'s; pass --threshold (`facenet-jax "
+            f"evaluate --workdir {args.workdir} --step {args.step} --split val` reports one)"
+        )
     return report.run_threshold(args.workdir)
+
+
+def _list_images(args, name: str, flat_ok: bool = False) -> inference.ImageSet:
+    """``inference.list_images`` of the folder given as ``args.<name>``; its errors name that
+    argument (``enroll``'s positional FOLDER, ``--root``, ...), not the config field."""
+    flag = name.upper() if name == "folder" else f"--{name.replace('_', '-')}"
+    try:
+        return inference.list_images(getattr(args, name), args.group_depth, flat_ok=flat_ok)
+    except (ValueError, OSError) as e:
+        message = str(e)  # The library's messages name the training config's fields.
+        for config_name, cli_name in (
+            ("--config.data.root", flag),
+            ("config.data.root", flag),
+            ("config.data.group_depth", "--group-depth"),
+        ):
+            message = message.replace(config_name, cli_name)
+        raise type(e)(
+            f"{args.command} {flag}: {message}" if flag not in message else message
+        ) from e
 
 
 # ----------------------------------------------------------------------------- commands
 
 
 def cmd_embed(args, load) -> dict:
-    images = inference.list_images(args.folder, args.group_depth, flat_ok=True)
+    images = _list_images(args, "folder", flat_ok=True)
     embedder = load()
     faces = embedder.embed_set(images, **_embed_options(args))
     faces.save(args.out, embedder.fingerprint)
@@ -103,8 +144,8 @@ def cmd_verify(args, load) -> dict:
 
 def cmd_enroll(args, load) -> dict:
     """Gallery threshold: calibrated for --far on --calibrate, else --threshold, else the run's."""
-    images = inference.list_images(args.folder, args.group_depth, flat_ok=True)
-    strangers = inference.list_images(args.calibrate, args.group_depth) if args.calibrate else None
+    images = _list_images(args, "folder", flat_ok=True)
+    strangers = _list_images(args, "calibrate") if args.calibrate else None
     threshold = math.inf
     if strangers is None:
         threshold = args.threshold if args.threshold is not None else _run_threshold(args)
@@ -134,7 +175,7 @@ def cmd_enroll(args, load) -> dict:
 def cmd_identify(args, load) -> dict:
     gallery = identification.Gallery.load(args.gallery)
     embedder = load()
-    gallery.check_fingerprint(embedder.fingerprint)
+    gallery.check_fingerprint(embedder.fingerprint, args.gallery)
     emb, _ = embedder.embed_files(None, args.images, **_embed_options(args))
     res = identification.identify(gallery, emb, args.threshold)
     found = zip(args.images, res.names, res.nearest, res.distance, res.accepted, strict=True)
@@ -166,7 +207,7 @@ def cmd_evaluate(args, load) -> dict:
         read = pairs.read_lfw_pairs if args.pairs else pairs.read_csv_pairs
         p = read(args.pairs or args.csv, args.root)
     elif not args.split:
-        images = inference.list_images(args.root, args.group_depth)
+        images = _list_images(args, "root")
     embedder = load()
     settings = report.Settings(
         args.num_pairs, args.folds, args.seed, args.impostors, args.far, args.shot
@@ -174,9 +215,7 @@ def cmd_evaluate(args, load) -> dict:
     options = _embed_options(args)
     head = None
     if args.head_train:  # A logistic-regression pair scorer fitted on other identities.
-        fit = embedder.embed_set(
-            inference.list_images(args.head_train, args.group_depth), **options
-        )
+        fit = embedder.embed_set(_list_images(args, "head_train"), **options)
         head = similarity_head.fit_similarity_head(fit.embeddings, fit.labels, seed=args.seed)
     info: dict[str, Any] = {"flip": args.flip, "fingerprint": embedder.fingerprint}
     if p is not None:
@@ -197,7 +236,7 @@ def cmd_evaluate(args, load) -> dict:
 
 
 def cmd_episodes(args, load) -> dict:
-    images = inference.list_images(args.root, args.group_depth)
+    images = _list_images(args, "root")
     embedder = load()
     embedded = embedder.embed_set(images, **_embed_options(args))
     out_dir = _output_dir(args, f"episodes-{_stem(args.root)}")
@@ -254,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     common.add_argument("--no-progress", dest="progress", action="store_false")
     common.add_argument("--seed", type=int, default=0, help="seed of sampled pairs and splits")
+    common.add_argument(
+        "-v", "--verbosity", type=int, default=0, help="1: INFO logs, tracebacks of errors"
+    )
 
     parser = argparse.ArgumentParser(prog="facenet-jax", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -319,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="tflite only: float16 or dynamic-range int8 weights",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("-v", "--verbosity", type=int, default=0, help="1: tracebacks of errors")
     return parser
 
 
@@ -349,20 +392,37 @@ def _load_embedder(args) -> inference.Embedder:
     return inference.load_embedder(args.workdir, args.step)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs one subcommand; returns the exit status (2 with a one-line message on bad input)."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    if args.command != "export" and not (args.workdir or args.model):
-        print(
-            f"facenet-jax {args.command}: error: --workdir or --model is required", file=sys.stderr
+def _check_workdir(workdir: str) -> None:
+    """Raises FileNotFoundError naming --workdir when it is not a run directory."""
+    if not os.path.isdir(workdir):
+        what = "is a file, not a run directory" if os.path.exists(workdir) else "does not exist"
+        raise FileNotFoundError(f"--workdir {workdir} {what}")
+    if not os.path.exists(checkpoints.config_path(workdir)):
+        raise FileNotFoundError(
+            f"--workdir {workdir} holds no run (no config.json): train one there with "
+            "`python -m facenet_jax.main --workdir=...`, or point --workdir at a run directory"
         )
-        return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one subcommand; returns the exit status: 0 done, 2 a command-line or input mistake
+    (one line on stderr, ``usage.error_line``; ``--verbosity=1`` raises it with its traceback)."""
+    args = build_parser().parse_args(argv)
+    level = logging.INFO if args.verbosity >= 1 else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
+    if args.command != "export" and not (args.workdir or args.model):
+        message = f"facenet-jax {args.command}: --workdir or --model is required"
+        print(usage.error_line(message, hint=False), file=sys.stderr)
+        return usage.USAGE_ERROR
     try:
+        if args.workdir:
+            _check_workdir(args.workdir)
         result = COMMANDS[args.command](args, functools.partial(_load_embedder, args))
-    except (ValueError, FileNotFoundError, OSError, export.MissingExtraError) as e:
-        print(f"facenet-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        if args.verbosity >= 1:
+            raise
+        print(usage.error_line(f"facenet-jax {args.command}: {e}", hint=True), file=sys.stderr)
+        return usage.USAGE_ERROR
     if args.json:
         print(json.dumps(report.jsonable(result), indent=2, sort_keys=True, allow_nan=False))
     else:

@@ -31,10 +31,16 @@ TRACEBACK_HINT = "--verbosity=1 shows the traceback"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def error_line(message: str, hint: bool = True) -> str:
+    """``error: message`` on one line, whatever the exception's formatting, with the
+    traceback hint; ``main`` and the ``facenet-jax`` CLI both print their errors so."""
+    line = " ".join(str(message).split())
+    return f"error: {line}" + (f" ({TRACEBACK_HINT})" if hint else "")
+
+
 def fail(message: str, code: int = 1, hint: bool = True) -> NoReturn:
-    """Prints ``error: message`` as one line on stderr and exits with ``code``."""
-    line = " ".join(str(message).split())  # One line, whatever the exception's formatting.
-    print(f"error: {line}" + (f" ({TRACEBACK_HINT})" if hint else ""), file=sys.stderr)
+    """Prints ``error_line(message)`` on stderr and exits with ``code``."""
+    print(error_line(message, hint), file=sys.stderr)
     sys.exit(code)
 
 

@@ -445,3 +445,79 @@ def test_module_entry_point_help():
     assert proc.returncode == 0
     for name in cli.COMMANDS:
         assert name in proc.stdout
+
+
+# ------------------------------------------------------------------ user errors, thresholds
+
+
+def fails(args, capsys):
+    """Runs a command that must fail: exit 2 and one stderr line; returns that line."""
+    code = cli.main(args)
+    out, err = capsys.readouterr()
+    assert code == 2, (code, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_thresholds_belong_to_the_network_evaluated(workdir, tree, capsys):
+    a, b = image(tree, 0, 1), image(tree, 3, 2)
+    with open(os.path.join(workdir, "eval.json")) as f:
+        record = json.load(f)
+    untrained = run(["verify", a, b, "--workdir", workdir, "--untrained"], capsys)
+    assert untrained["threshold"] == record["untrained"]["threshold"]
+    assert untrained["threshold"] != record["trained"]["threshold"]
+    # Step 3 is another network than the final step 4: no threshold of its own in eval.json.
+    line = fails(["verify", a, b, "--workdir", workdir, "--step", "3"], capsys)
+    assert "--step 3" in line and "pass --threshold" in line and "step 4" in line
+    line = fails(
+        ["enroll", str(tree / "flat"), "--workdir", workdir, "--out", "x.npz"] + ["--step", "3"],
+        capsys,
+    )
+    assert "pass --threshold" in line
+    own = run(["verify", a, b, "--workdir", workdir, "--step", "3", "--threshold", "0.5"], capsys)
+    assert own["threshold"] == 0.5 and own["same"] == (own["distance"] <= 0.5)
+    final = run(["verify", a, b, "--workdir", workdir, "--step", "4"], capsys)
+    assert final["threshold"] == record["trained"]["threshold"]
+
+
+def test_a_wrong_workdir_is_named_not_the_threshold(workdir, tree, tmp_path, capsys):
+    a = image(tree, 0, 1)
+    line = fails(["verify", a, a, "--workdir", str(tmp_path / "nope")], capsys)
+    assert "--workdir" in line and "does not exist" in line and "--threshold" not in line
+    line = fails(["verify", a, a, "--workdir", str(tmp_path)], capsys)
+    assert "holds no run" in line and "--threshold" not in line
+    unfinished = tmp_path / "unfinished"  # A run without its final evaluation.
+    unfinished.mkdir()
+    shutil.copy(os.path.join(workdir, "config.json"), unfinished / "config.json")
+    line = fails(["verify", a, a, "--workdir", str(unfinished)], capsys)
+    assert "eval.json does not exist" in line and "pass --threshold" in line
+
+
+def test_cli_errors_name_cli_arguments_and_hide_tracebacks(workdir, tree, tmp_path, capsys):
+    missing = str(tmp_path / "no-such-folder")
+    line = fails(
+        ["enroll", missing, "--workdir", workdir, "--out", "g.npz", "--threshold", "1"], capsys
+    )
+    assert "FOLDER" in line and "config.data" not in line and missing in line
+    assert "--verbosity=1 shows the traceback" in line
+    line = fails(["evaluate", "--workdir", workdir, "--root", missing], capsys)
+    assert "--root" in line and "config.data" not in line
+    # A gallery of 5 embeddings and 12 names: one line naming the file.
+    gal = str(tmp_path / "bad.npz")
+    np.savez(
+        gal,
+        embeddings=np.eye(5, 8, dtype=np.float32),
+        names=np.asarray(list("abcdefghijkl")),
+        fingerprint=np.asarray("m"),
+        threshold=np.float64(1.0),
+    )
+    args = ["identify", image(tree, 0, 1), "--workdir", workdir, "--gallery", gal]
+    line = fails(args, capsys)
+    assert gal in line and "5 embeddings but 12 names" in line
+    (tmp_path / "random.npz").write_bytes(np.random.default_rng(0).bytes(1000))
+    line = fails([*args[:-1], str(tmp_path / "random.npz")], capsys)
+    assert "random.npz" in line and "allow_pickle" not in line
+    with pytest.raises(ValueError, match="5 embeddings but 12 names"):  # The traceback, asked.
+        cli.main([*args, "--verbosity", "1"])

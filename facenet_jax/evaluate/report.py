@@ -314,14 +314,29 @@ def write_run(
     write_json(os.path.join(workdir, "eval.json"), result)
 
 
-def run_threshold(workdir: str) -> float:
-    """The verification threshold of a run's final evaluation (``WORKDIR/eval.json``)."""
+def run_threshold(workdir: str, network: str = "trained") -> float:
+    """The verification threshold of a run's final evaluation (``WORKDIR/eval.json``) of its
+    ``network``: "trained" (the final step) or "untrained" (the step-0 baseline)."""
     path = os.path.join(workdir, "eval.json")
+    if not os.path.exists(path):
+        raise ValueError(
+            f"{path} does not exist: the run has not finished its final evaluation, so it has no "
+            "threshold; pass --threshold"
+        )
     try:
         with open(path) as f:
-            return float(json.load(f)["trained"]["threshold"])
-    except (OSError, KeyError, ValueError) as e:
-        raise ValueError(f"no threshold in {path} ({e}); pass --threshold") from e
+            record = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is unreadable ({e}); pass --threshold") from e
+    if network not in record:
+        why = " (config.eval.baseline was off)" if network == "untrained" else ""
+        raise ValueError(
+            f"{path} holds no evaluation of the {network} network{why}; pass --threshold"
+        )
+    try:
+        return float(record[network]["threshold"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"no {network} threshold in {path} ({e}); pass --threshold") from e
 
 
 def summary(final: dict[str, Any], baseline: dict[str, Any] | None, split: str) -> str:
