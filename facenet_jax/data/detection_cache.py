@@ -168,7 +168,7 @@ def fill(
     find: Finder,
     cache: DetectionCache,
     num_workers: int = 0,
-    min_parallel: int = MIN_PARALLEL,
+    min_parallel: int | None = None,
 ) -> list[np.ndarray | None]:
     """The cached values of every image in ``datas``, finding the misses in parallel.
 
@@ -179,7 +179,7 @@ def fill(
         leaves the entry uncached and its value None: the caller's own loading reports the file.
       cache: where values are read and stored (from this process only).
       num_workers: detector processes (0: one per core; 1: in-process). Fewer than
-        ``min_parallel`` misses are found in-process.
+        ``min_parallel`` (default ``MIN_PARALLEL``) misses are found in-process.
 
     Returns:
       [len(datas)] value or None, as ``find`` gives them.
@@ -191,7 +191,7 @@ def fill(
             missing[key] = data
     workers = num_workers or os.cpu_count() or 1
     jobs = [(find, data) for data in missing.values()]
-    if workers > 1 and len(jobs) >= min_parallel:
+    if workers > 1 and len(jobs) >= (MIN_PARALLEL if min_parallel is None else min_parallel):
         # Spawned, not forked: the caller may hold JAX's threads, which fork would copy broken.
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(
