@@ -1,16 +1,21 @@
-"""Train step, end-to-end smoke run, resume, and config validation."""
+"""Train step, end-to-end smoke run, resume, config validation, and the run's fault handling:
+the non-finite guard, SIGTERM / SIGINT, resuming past a damaged checkpoint, the workdir lock."""
 
 import json
 import os
+import signal
+import socket
+import struct
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
 from configs import smoke
-from facenet_jax import checkpoints, metric_logging, parallel, train
+from facenet_jax import checkpoints, metric_logging, parallel, train, workdir
 from facenet_jax.data import input_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,30 +122,6 @@ def test_bad_config_fails_at_startup_naming_the_field(field, value, match):
         train.validate_config(config)
 
 
-def test_main_job_cli_runs_and_prints_verification(tmp_path):
-    """The README's main command on the smoke config, as a subprocess on 8 fake devices."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "facenet_jax.main",
-            "--config=configs/smoke.py",
-            f"--workdir={tmp_path / 'cli'}",
-            "--config.train.margin=0.3",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "ROC AUC" in out.stdout and "untrained" in out.stdout
-    with open(tmp_path / "cli" / "config.json") as f:
-        assert json.load(f)["train"]["margin"] == 0.3
-
-
 def test_collapse_message_flags_only_a_collapsed_embedding():
     # Logged metrics of real default-config runs (docs/ablations.md): batch_hard at step 50, and
     # semi_hard at step 50.
@@ -152,6 +133,268 @@ def test_collapse_message_flags_only_a_collapsed_embedding():
     # Positives merged but negatives apart is not a collapse; nor is a batch with nothing valid.
     assert train.collapse_message({**collapsed, "mean_neg_dist": 0.5}) is None
     assert train.collapse_message({**collapsed, "num_valid": 0}) is None
+
+
+def test_collapse_message_does_not_recommend_the_mining_in_use():
+    collapsed = {"mean_pos_dist": 0.0, "mean_neg_dist": 0.0, "fraction_active": 1.0}
+    t = smoke.get_config().train
+    t.mining, t.learning_rate = "semi_hard", 1e9
+    message = train.collapse_message(collapsed, t)
+    assert "train.mining=semi_hard" not in message and "already on" in message
+    assert "config.train.learning_rate (now 1e+09)" in message
+    t.mining = "batch_hard"
+    assert "train.mining=semi_hard" in train.collapse_message(collapsed, t)
+
+
+# ----------------------------------------------------------------------------- the step's inputs
+
+
+def test_train_step_receives_schedule_loss_settings_and_seed():
+    """The step uses the schedule it is given (Flax's train_step(state, batch, learning_rate_fn)),
+    not one rebuilt from a config; loss settings and seed are bound where it is compiled."""
+    config = smoke.get_config()
+    mesh = parallel.create_mesh(jax.devices()[:1])
+    ds = input_pipeline.create_dataset(config)
+    batch = parallel.shard_batch(next(ds.train_batches(0)), mesh)
+
+    def schedule(step):
+        return 1e-4 * (step + 7)
+
+    state = parallel.replicate(
+        train.create_train_state(config, jax.random.key(0), ds.image_shape), mesh
+    )
+    step_fn = train.make_train_step(config, mesh, learning_rate_fn=schedule)
+    for expected_step in range(3):
+        state, metrics = step_fn(state, batch)
+        assert float(metrics["learning_rate"]) == pytest.approx(schedule(expected_step))
+    settings = train.LossSettings.from_config(config.train)
+    assert (settings.mining, settings.margin, settings.scope) == ("semi_hard", 0.2, "global")
+    hash(settings)  # Static: usable as a jit/partial constant.
+
+
+# ----------------------------------------------------------------------------- non-finite guard
+
+
+def _nan_images(batch):
+    return {**batch, "image": np.full_like(batch["image"], np.nan)}
+
+
+class _HookedDataset:
+    """The run's dataset, but the batch of step s goes through ``hooks[s]`` (each hook once)."""
+
+    def __init__(self, dataset, hooks):
+        self._dataset, self._hooks = dataset, hooks
+
+    def __getattr__(self, name):
+        return getattr(self._dataset, name)
+
+    def train_batches(self, start_step, *args):
+        batches = self._dataset.train_batches(start_step, *args)
+        for step, batch in enumerate(batches, start_step + 1):
+            hook = self._hooks.pop(step, None)
+            yield hook(batch) if hook else batch
+
+
+@pytest.fixture
+def hook_batches(monkeypatch):
+    """``hook_batches({step: fn})``: the run's dataset applies fn to that step's batch."""
+    original = input_pipeline.create_dataset
+
+    def install(hooks):
+        monkeypatch.setattr(
+            input_pipeline, "create_dataset", lambda config: _HookedDataset(original(config), hooks)
+        )
+
+    return install
+
+
+def _fault_config(**train_fields):
+    config = smoke.get_config()
+    config.eval.baseline = False
+    config.train.log_every = 1
+    for k, v in train_fields.items():
+        config.train[k] = v
+    return config
+
+
+def _steps_on_disk(workdir):
+    return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+
+
+def test_nonfinite_update_is_dropped_by_the_step():
+    config = smoke.get_config()
+    mesh = parallel.create_mesh(jax.devices()[:1])
+    ds = input_pipeline.create_dataset(config)
+    batch = parallel.shard_batch(_nan_images(next(ds.train_batches(0))), mesh)
+    state = parallel.replicate(
+        train.create_train_state(config, jax.random.key(0), ds.image_shape), mesh
+    )
+    before = parallel.fetch({"params": state.params, "opt": state.opt_state})
+    state, metrics = train.make_train_step(config, mesh)(state, batch)
+    after = parallel.fetch({"params": state.params, "opt": state.opt_state})
+    code = int(metrics["nonfinite"])
+    names = [n for i, n in enumerate(train.NONFINITE_PARTS) if code >> i & 1]
+    assert "gradients" in names and "parameters" in names, names
+    assert int(state.step) == 1  # The step advances (the data stays aligned with the step)...
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+        np.testing.assert_array_equal(a, b)  # ...the update does not happen.
+
+
+def test_diverging_run_stops_naming_step_metric_and_last_good_checkpoint(tmp_path):
+    """The issue's learning_rate=1e38: the loss stays finite while gradients and parameters
+    overflow. No non-finite checkpoint is written, no evaluation is reported."""
+    config = _fault_config(
+        learning_rate=1e38, schedule="constant", checkpoint_every=1, log_every=100
+    )
+    run = str(tmp_path / "run")
+    with pytest.raises(train.NonFiniteError) as e:
+        train.train_and_evaluate(config, run)
+    message = str(e.value)
+    assert "step 2: non-finite gradients" in message and "loss 0.2" in message, message
+    assert f"last good checkpoint: step 1 in {os.path.join(run, 'checkpoints')}" in message
+    assert "config.train.learning_rate" in message
+    assert _steps_on_disk(run) == [1]
+    manager = checkpoints.create_manager(run, config)
+    state = train.create_train_state(config, jax.random.key(0), (16, 16, 1))
+    restored = checkpoints.restore_latest(manager, state, run)
+    manager.close()
+    assert bool(checkpoints.all_finite(checkpoints.state_to_dict(restored)))
+    assert not os.path.exists(os.path.join(run, "eval.json"))
+    assert not os.path.exists(workdir.lock_path(run))  # Released on the way out.
+
+
+def test_skip_mode_drops_bad_steps_and_stops_after_too_many_in_a_row(tmp_path, hook_batches):
+    config = _fault_config(on_nonfinite="skip", max_nonfinite_skips=2)
+    run = str(tmp_path / "skip")
+    hook_batches({4: _nan_images})
+    result = train.train_and_evaluate(config, run)
+    assert result["step"] == 6 and np.isfinite(result["accuracy"])
+    records = {r["step"]: r for r in metric_logging.read_metrics(run) if "loss" in r}
+    assert records[4]["skipped_updates"] == 1 and records[4]["grad_norm"] == "nan"
+    assert [records[s]["skipped_updates"] for s in (1, 2, 3, 5, 6)] == [0] * 5
+
+    run = str(tmp_path / "skip_twice")
+    hook_batches({4: _nan_images, 5: _nan_images})
+    with pytest.raises(train.NonFiniteError, match=r"step 5: .*2 non-finite steps in a row"):
+        train.train_and_evaluate(config, run)
+    assert _steps_on_disk(run) == [3] and not os.path.exists(os.path.join(run, "eval.json"))
+
+
+# ----------------------------------------------------------------------------- preemption
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_params(tmp_path_factory):
+    config = _fault_config(checkpoint_every=100)
+    run = str(tmp_path_factory.mktemp("uninterrupted") / "run")
+    train.train_and_evaluate(config, run)
+    return _restore_params(run, config)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_the_current_step_and_resume_is_bit_identical(
+    tmp_path, hook_batches, uninterrupted_params, signum
+):
+    config = _fault_config(checkpoint_every=100)  # Only the signal and the end save.
+    run = str(tmp_path / "run")
+
+    def send_signal(batch):  # Arrives while step 4's batch is read, as a preemption would.
+        os.kill(os.getpid(), signum)
+        return batch
+
+    hook_batches({4: send_signal})
+    previous_handler = signal.getsignal(signum)
+    with pytest.raises(train.Preempted) as e:
+        train.train_and_evaluate(config, run)
+    assert (e.value.step, e.value.signal_number) == (4, signum)
+    assert f"saved checkpoint step 4 in {os.path.join(run, 'checkpoints')}" in str(e.value)
+    assert signal.getsignal(signum) is previous_handler  # Handlers restored.
+    assert _steps_on_disk(run) == [4]
+    assert [r["step"] for r in metric_logging.read_metrics(run)] == [1, 2, 3, 4]
+    assert not os.path.exists(workdir.lock_path(run))
+
+    train.train_and_evaluate(config, run)  # The same command resumes.
+    steps = [r["step"] for r in metric_logging.read_metrics(run) if "loss" in r]
+    assert steps == list(range(1, 7))  # Each step once.
+    resumed = _restore_params(run, config)
+    for a, b in zip(jax.tree.leaves(uninterrupted_params), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------- resuming
+
+
+def _tensorboard_view(logdir):
+    """{tag: [steps]} as TensorBoard shows the event files: a SessionLog.START at step T purges
+    the earlier events at steps >= T (how resumed runs hide what they log again)."""
+    from tensorboardX.proto import event_pb2
+
+    shown = {}
+    for name in sorted(os.listdir(logdir)):
+        with open(os.path.join(logdir, name), "rb") as f:
+            data = f.read()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            if event.HasField("session_log") and event.session_log.status == 1:  # START
+                shown = {t: [s for s in v if s < event.step] for t, v in shown.items()}
+            for value in event.summary.value:
+                shown.setdefault(value.tag, []).append(event.step)
+    return shown
+
+
+def test_resume_past_a_damaged_checkpoint_logs_each_step_once(tmp_path):
+    config = _fault_config()
+    run = str(tmp_path / "run")
+    train.train_and_evaluate(config, run)
+    assert _steps_on_disk(run) == [3, 6]
+    for folder, _, files in os.walk(os.path.join(run, "checkpoints", "6")):
+        for name in files:
+            if os.path.basename(folder) == "d":  # Array data: truncated, as by a full disk.
+                with open(os.path.join(folder, name), "r+b") as f:
+                    f.truncate(10)
+
+    result = train.train_and_evaluate(config, run)  # Falls back to step 3, redoes 4..6.
+    assert result["step"] == 6
+    assert _steps_on_disk(run) == [3, 6]
+    assert os.listdir(os.path.join(run, checkpoints.UNUSABLE_DIR)) == ["6"]  # Kept, not deleted.
+    records = metric_logging.read_metrics(run)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if "eval/accuracy" in r] == [6]
+    shown = _tensorboard_view(os.path.join(run, "tensorboard"))
+    assert shown["loss"] == [1, 2, 3, 4, 5, 6] and shown["eval/accuracy"] == [6]
+
+    train.train_and_evaluate(config, run)  # A finished run, run again: evaluated, logged once.
+    assert [r["step"] for r in metric_logging.read_metrics(run) if "eval/accuracy" in r] == [6]
+
+
+# ----------------------------------------------------------------------------- workdir lock
+
+
+def test_run_on_a_workdir_held_by_a_live_process_is_refused(tmp_path):
+    run = str(tmp_path / "run")
+    os.makedirs(run)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        with open(workdir.lock_path(run), "w") as f:
+            json.dump(
+                {
+                    "pid": holder.pid,
+                    "host": socket.gethostname(),
+                    "purpose": "train",
+                    "since": time.time(),
+                    "token": "x",
+                },
+                f,
+            )
+        with pytest.raises(workdir.WorkdirLockedError, match=f"in use by pid {holder.pid} "):
+            train.train_and_evaluate(smoke.get_config(), run)
+        assert os.listdir(run) == [workdir.LOCK_NAME]  # Nothing written, the lock untouched.
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 # ----------------------------------------------------------------------------- margin-softmax terms
