@@ -256,14 +256,15 @@ def comparison_distances(
     labels: np.ndarray,
     max_comparisons: int = 2_000_000,
     seed: int = 0,
-    block_elements: int = 1 << 22,
+    block_elements: int = 1 << 20,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Genuine and impostor squared distances between the L2-normalised rows.
 
     Every unordered pair of distinct rows is used when there are at most ``max_comparisons``
     of them; otherwise ``max_comparisons`` pairs are drawn (half genuine, half impostor) with
     ``verification.sample_pairs``, their distances computed ``block_elements // D`` pairs at a
-    time (memory: the [P] distances plus about ``block_elements`` values, not 3 x [P, D]).
+    time (memory: the [P] distances plus 3 x ``block_elements`` float64 values (24 MiB), not
+    3 x [P, D]).
 
     Returns:
       ``(genuine, impostor)``: 1-D float64 arrays of distances.
