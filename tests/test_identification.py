@@ -228,8 +228,8 @@ def test_sampled_comparison_distances_in_blocks_equal_one_block():
 
 def test_calibration_memory_is_linear_in_the_comparisons_not_their_rows():
     """Sampled comparisons used to gather 3 x [P, D] float64 rows at once (20,000 BFW images:
-    4.4 GB); in blocks the peak is about the [P] distances (here 300,000 x D = 64: 460 MB
-    before, under 64 MB now)."""
+    4.4 GB); in blocks the peak is about the [P] distances (here 300,000 x D = 64: 302 MiB
+    before, 28 MiB now)."""
     import tracemalloc
 
     rng = np.random.default_rng(8)
