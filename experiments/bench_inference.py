@@ -126,7 +126,9 @@ def bench_crop(crop: str, paths: list[str], config, embedder, cache_root: str) -
         serial = rate(lambda: [preprocessing.face_landmarks(d, spec) for d in datas], n)
     fresh_cache("parallel")
     parallel = rate(lambda: inference.find_faces(datas, spec, FLAGS.workers), n)
-    rows.append((f"detect (serial, {threads} cv2 threads -> processes)", serial, parallel))
+    workers = FLAGS.workers or os.cpu_count()
+    label = f"detect (serial, {threads} cv2 threads -> {workers} processes)"
+    rows.append((label, serial, parallel))
 
     boxes = inference.find_faces(datas, spec, FLAGS.workers)  # Cached now.
     boxes = [None] * n if boxes is None else boxes
@@ -134,7 +136,8 @@ def bench_crop(crop: str, paths: list[str], config, embedder, cache_root: str) -
     crop_serial = rate(lambda: [inference._load_read(j) for j in jobs], n)
     with concurrent.futures.ThreadPoolExecutor(inference.LOAD_THREADS) as pool:
         crop_threads = rate(lambda: list(pool.map(inference._load_read, jobs)), n)
-    rows.append((f"{crop} given the face (serial -> threads)", crop_serial, crop_threads))
+    stage = "crop" if crop == "detect" else "align warp"
+    rows.append((f"{stage} given the face (serial -> threads)", crop_serial, crop_threads))
 
     images = np.stack([inference._load_read(j) for j in jobs])
     embedder.embed(images[: embedder.batch_size])  # Compile.
