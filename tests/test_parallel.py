@@ -115,3 +115,20 @@ def test_batch_not_divisible_by_devices_names_the_fields(config):
     mesh = parallel.create_mesh(jax.devices()[:5])
     with pytest.raises(ValueError, match="identities_per_batch"):
         train.make_train_step(config, mesh)
+
+
+def test_preemption_watcher_stops_at_the_next_step_and_a_second_ctrl_c_aborts():
+    import os
+    import signal
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with parallel.PreemptionWatcher() as watcher:
+        assert not watcher.reached(1)
+        os.kill(os.getpid(), signal.SIGTERM)  # Recorded, not fatal.
+        assert watcher.reached(2) and watcher.signal_name == "SIGTERM"
+    with parallel.PreemptionWatcher() as watcher:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert watcher.reached(1) and watcher.signal_number == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C again: the user does not want to wait.
+    assert {s: signal.getsignal(s) for s in before} == before  # Handlers restored.
