@@ -20,6 +20,12 @@ Images go through the run's own preprocessing
 one, or, for ``enroll``, ``FOLDER/<name>.<ext>`` with one photo per person. ``--json`` prints one
 JSON object on stdout; ``evaluate`` and ``episodes`` also write it, with their plots, to
 ``--output-dir``.
+
+``verify`` and ``enroll`` take the threshold of the network they embed with: the final one's from
+``WORKDIR/eval.json``, with ``--untrained`` its untrained baseline's; another ``--step`` has none
+recorded and needs ``--threshold``. A mistake (a missing folder, a bad gallery, a wrong
+``--workdir``) is one line on stderr naming the argument, exit code 2; ``--verbosity 1`` shows
+the traceback.
 """
 
 from __future__ import annotations
