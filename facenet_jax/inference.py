@@ -51,7 +51,7 @@ from facenet_jax.labels import IGNORE_LABEL
 
 MIN_BATCH = 8  # Smallest padded batch: embedding 1 or 2 files compiles one small shape.
 CHUNK = 1024  # embed_files: files read, detected and decoded together (bounded memory).
-LOAD_THREADS = 4  # embed_files: decode/crop threads (OpenCV and Pillow release the GIL).
+LOAD_THREADS = min(4, os.cpu_count() or 1)  # embed_files: decode/crop threads (GIL released).
 log = logging.getLogger(__name__)
 
 
