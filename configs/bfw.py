@@ -1,15 +1,18 @@
 """BFW: the published face recipe. 20,000 aligned in-the-wild crops of 800 identities, 8 groups.
 
-MobileFaceNet (width 64, ~1M parameters plus a flatten head) on 64x64 RGB faces aligned by
+IR-18 (insightface's IR-ResNet, width 16: 16-32-64-128 channels, the published BN-FC-BN flatten
+head, 0.96M parameters) on 64x64 RGB faces aligned by
 MTCNN's five landmarks onto ArcFace's template (``crop = "align"``), so a tight BFW crop and an
 uncropped in-the-wild photo of the same face reach the network with the same geometry. Trained
 with CosFace (s = 30, m = 0.35) over the 640 training identities of the identity split (seed 0);
 the class weights are dropped at inference and verification uses the L2-normalised embedding.
-Status: chosen from the backbones' measured cost (docs/ablations.md, "BFW recipe search") and
-the margin-loss literature, NOT yet trained end to end here: the session that wrote it had the
-2 cores at load 15-23 and could not finish a MobileFaceNet run. The step count is an estimate of
-the 90-minute budget to be timed on a quiet machine; docs/results.md keeps the older measured
-small-CNN numbers (and their command) until this recipe has its own.
+Status: chosen from the backbones' measured cost (docs/ablations.md, "BFW recipe search": on
+this CPU MobileFaceNet's depthwise convolutions make it ~4x slower per image than IR-18 width 16
+at 1.5x its FLOPs) and the margin-loss literature, NOT yet trained end to end here: the session
+that wrote it had the 2 cores at load 15-23 (a 32x32 small CNN trained at 4.6 images/s). The
+step count is an estimate of the 90-minute budget, to be timed on a quiet machine;
+docs/results.md keeps the older measured small-CNN numbers (and their command) until this recipe
+has its own.
 
   python -m facenet_jax.main --config=configs/bfw.py --workdir=DIR
 
@@ -32,7 +35,7 @@ def get_config():
     d.source = "folder"  # An image tree on disk, prepared once (facenet_jax/data/folder.py).
     d.root = "../shared/data/bfw"  # From the working directory, else from the repository root.
     d.group_depth = 1  # bfw/<group>/<identity>/<image>.jpg: groups are the demographic folders.
-    d.image_size = 64  # 64x64: what MobileFaceNet trains in 90 minutes on 2 CPU cores.
+    d.image_size = 64  # 64x64: what IR-18 (width 16) trains in 90 minutes on 2 CPU cores.
     d.channels = 3  # RGB faces.
     d.crop = "align"  # 5-landmark similarity warp: same geometry for tight crops and photos.
     d.identities_per_batch = 32  # P: 32 identities per global batch...
@@ -42,14 +45,14 @@ def get_config():
     d.num_workers = 1  # One grain worker decodes while the main process runs the train step.
     d.prefetch = 4  # Batches in flight ahead of the train step.
     m = config.model
-    m.name = "mobilefacenet"  # Chen et al. 2018, facenet_jax/models/mobilefacenet.py.
-    m.width = 64  # The published width.
-    m.pooling = "flatten"  # The published head: the 4x4x512 map -> linear -> 128, BN.
+    m.name = "ir18"  # insightface's IR-ResNet-18, facenet_jax/models/iresnet.py.
+    m.width = 16  # A quarter of the published 64: the CPU budget (docs/ablations.md).
+    m.pooling = "flatten"  # The published head: BN, the 4x4 map flattened, FC -> 128, BN.
     t = config.train
     t.loss = "cosface"  # Margin softmax over the training identities (docs/losses.md).
     t.margin_scale = 30.0  # s.
     t.margin_m = 0.35  # CosFace's cosine margin.
-    t.num_steps = 1500  # Estimated 90-minute budget; not yet timed (docs/ablations.md).
+    t.num_steps = 2500  # Estimated 90-minute budget; not yet timed (docs/ablations.md).
     t.warmup_steps = 100  # Linear warm-up before the cosine decay.
     t.log_every = 100  # Log every 100 steps.
     t.checkpoint_every = 250  # Checkpoint every 250 steps (a stopped run resumes from here).
