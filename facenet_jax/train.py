@@ -36,10 +36,8 @@ Faults (docs/reliability.md):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
-import math
 import os
 import time
 from typing import Any
@@ -50,7 +48,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from flax.training import train_state
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
@@ -66,157 +63,57 @@ from facenet_jax import workdir as workdir_lib
 from facenet_jax.data import folder, input_pipeline
 from facenet_jax.data.spec import DataSpec
 from facenet_jax.evaluate import report
-from facenet_jax.labels import IGNORE_LABEL
+from facenet_jax.faults import (
+    NONFINITE_PARTS,
+    NonFiniteError,
+    NonFiniteGuard,
+    Preempted,
+    collapse_message,
+    last_checkpoint,
+)
+from facenet_jax.objective import (
+    LossSettings,
+    dataset_classes,
+    loss_terms,
+    to_class_labels,
+    training_classes,
+    validate_margin_softmax,
+)
+from facenet_jax.train_state import (
+    OPTIMIZERS,
+    SCHEDULES,
+    TrainState,
+    create_learning_rate_fn,
+    create_optimizer,
+    create_train_state,
+    split_trainable,
+)
+
+# The public API of training (Flax examples' shape); the pieces live in train_state, objective and
+# faults.
+__all__ = [
+    "NONFINITE_PARTS",
+    "LossSettings",
+    "NonFiniteError",
+    "Preempted",
+    "TrainState",
+    "collapse_message",
+    "create_learning_rate_fn",
+    "create_optimizer",
+    "create_train_state",
+    "dataset_classes",
+    "loss_terms",
+    "make_train_step",
+    "to_class_labels",
+    "train_and_evaluate",
+    "train_step",
+    "training_classes",
+    "validate_config",
+]
 
 AXIS = parallel.DATA_AXIS
 MINING_SCOPES = ("local", "global")
 NONFINITE_MODES = ("stop", "skip")
-
-
-class TrainState(train_state.TrainState):
-    """step, params, opt_state (from flax) plus BatchNorm running statistics and class weights.
-
-    ``class_weights`` is the margin-softmax class-weight matrix W [C, d] (None for triplet-only
-    runs). The optimiser updates ``trainable``: the model ``params`` alone when there is no W (so
-    a triplet-only state, its optimiser state included, has the layout it always had), else
-    ``{"model": params, "class_weights": W}`` (one optimiser, one gradient clipping norm over
-    both). A new array field is saved and restored with the rest once
-    ``checkpoints.state_to_dict`` lists it.
-    """
-
-    batch_stats: Any = None
-    class_weights: Any = None
-
-    @property
-    def trainable(self) -> Any:
-        """What the optimiser updates (and what the step differentiates)."""
-        return _trainable(self.params, self.class_weights)
-
-    def apply_gradients(self, *, grads: Any, **kwargs) -> TrainState:
-        """One optimiser update of ``trainable``; ``grads`` has its structure."""
-        updates, opt_state = self.tx.update(grads, self.opt_state, self.trainable)
-        params, class_weights = _split_trainable(
-            optax.apply_updates(self.trainable, updates), self.class_weights is not None
-        )
-        return self.replace(
-            step=self.step + 1,
-            params=params,
-            class_weights=class_weights,
-            opt_state=opt_state,
-            **kwargs,
-        )
-
-    @classmethod
-    def create(cls, *, apply_fn, params, tx, class_weights=None, **kwargs) -> TrainState:
-        return cls(
-            step=0,
-            apply_fn=apply_fn,
-            params=params,
-            tx=tx,
-            opt_state=tx.init(_trainable(params, class_weights)),
-            class_weights=class_weights,
-            **kwargs,
-        )
-
-
-def _trainable(params: Any, class_weights: Any) -> Any:
-    return params if class_weights is None else {"model": params, "class_weights": class_weights}
-
-
-def _split_trainable(trainable: Any, has_class_weights: bool) -> tuple[Any, Any]:
-    """Inverse of ``_trainable``: (params, class_weights or None)."""
-    if not has_class_weights:
-        return trainable, None
-    return trainable["model"], trainable["class_weights"]
-
-
-@dataclasses.dataclass(frozen=True)
-class LossSettings:
-    """The objective the step computes (static, hashable: bound with ``functools.partial``).
-
-    ``objective = triplet_weight * L_triplet + margin_weight * L_margin``, each term a mean over
-    the global batch (``scope=global``) or a mean over devices of per-device means (``local``).
-    The triplet terms are mined, and their diagnostics logged, even when ``triplet_weight`` is 0
-    (the term then takes no part in the objective).
-    """
-
-    mining: str = "semi_hard"  # losses.STRATEGIES.
-    margin: float = 0.2
-    squared: bool = True
-    soft: bool = False
-    scope: str = "global"  # MINING_SCOPES.
-    triplet_weight: float = 1.0
-    margin_kind: str = ""  # losses.MARGIN_KINDS, "" for no margin-softmax term.
-    margin_weight: float = 0.0
-    margin_scale: float = 30.0  # s.
-    margin_m: float = 0.0  # m; 0 for the kinds without one (softmax, normface).
-    easy_margin: bool = False
-
-    @classmethod
-    def from_config(cls, train_config: ml_collections.ConfigDict) -> LossSettings:
-        t = train_config
-        terms = loss_terms(t)
-        kind = next((name for name in terms if name != "triplet"), "")
-        return cls(
-            t.mining,
-            float(t.margin),
-            bool(t.squared),
-            bool(t.soft),
-            t.mining_scope,
-            triplet_weight=terms.get("triplet", 0.0),
-            margin_kind=kind,
-            margin_weight=terms.get(kind, 0.0),
-            margin_scale=float(t.margin_scale),
-            margin_m=float(t.margin_m) if kind in MARGIN_KINDS_WITH_M else 0.0,
-            easy_margin=bool(t.easy_margin),
-        )
-
-
-LOSS_TERMS = ("triplet", *losses.MARGIN_KINDS)
-MARGIN_KINDS_WITH_M = ("cosface", "arcface")
-
-
-def loss_terms(train_config: ml_collections.ConfigDict) -> dict[str, float]:
-    """``train.loss`` ("triplet", "cosface", "triplet+arcface", ...) and ``train.loss_weights``
-    -> ``{term: weight}`` in the order written, e.g. ``{"triplet": 1.0, "arcface": 0.5}``.
-
-    Raises ValueError naming the field: unknown or repeated term, two margin-softmax kinds, a
-    weight count that does not match the terms, a weight that is not positive.
-    """
-    t = train_config
-    if not isinstance(t.loss, str) or not t.loss.strip():
-        raise ValueError(
-            f"config.train.loss must be a string of terms joined by '+', e.g. 'triplet+arcface'; "
-            f"got {t.loss!r}"
-        )
-    names = [name.strip() for name in t.loss.split("+")]
-    for name in names:
-        if name not in LOSS_TERMS:
-            raise ValueError(
-                f"config.train.loss: unknown term {name!r} in {t.loss!r}; allowed: "
-                f"{list(LOSS_TERMS)}, alone or joined by '+' (e.g. 'triplet+cosface')"
-            )
-    if len(set(names)) != len(names):
-        raise ValueError(f"config.train.loss: a term is repeated in {t.loss!r}")
-    kinds = [name for name in names if name != "triplet"]
-    if len(kinds) > 1:
-        raise ValueError(
-            f"config.train.loss: at most one margin-softmax kind (one class-weight matrix), got "
-            f"{kinds} in {t.loss!r}"
-        )
-    weights = tuple(t.loss_weights) or (1.0,) * len(names)
-    if len(weights) != len(names):
-        raise ValueError(
-            f"config.train.loss_weights: {len(weights)} weights {tuple(weights)} for the "
-            f"{len(names)} terms of config.train.loss={t.loss!r} (one per term, or () for all 1)"
-        )
-    for name, w in zip(names, weights, strict=True):
-        if not (isinstance(w, int | float) and np.isfinite(w) and w > 0):
-            raise ValueError(
-                f"config.train.loss_weights: the weight of {name!r} must be a positive number, "
-                f"got {w!r} (leave a term out of config.train.loss to drop it)"
-            )
-    return {name: float(w) for name, w in zip(names, weights, strict=True)}
 
 
 # ----------------------------------------------------------------------------- config checks
@@ -257,7 +154,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.train.{field} must be >= 1, got {t[field]}")
     if t.margin < 0:
         raise ValueError(f"config.train.margin must be >= 0, got {t.margin}")
-    _validate_margin_softmax(t)
+    validate_margin_softmax(t)
     if d.image_size < 8:
         raise ValueError(f"config.data.image_size must be >= 8, got {d.image_size}")
     if d.channels not in (1, 3):
@@ -265,141 +162,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     models.create_model(config.model)  # Checks model name, dtype and sizes.
 
 
-def _validate_margin_softmax(t: ml_collections.ConfigDict) -> None:
-    kind = next((name for name in loss_terms(t) if name != "triplet"), "")
-    if kind and kind != "softmax" and not t.margin_scale > 0:
-        raise ValueError(f"config.train.margin_scale (s) must be > 0, got {t.margin_scale}")
-    if kind == "cosface" and not t.margin_m >= 0:
-        raise ValueError(f"config.train.margin_m: cosface's margin must be >= 0, got {t.margin_m}")
-    if kind == "arcface" and not 0 <= t.margin_m < math.pi / 2:
-        raise ValueError(
-            "config.train.margin_m: arcface's margin is an angle in radians in [0, pi/2), "
-            f"got {t.margin_m}"
-        )
-    if t.easy_margin and kind != "arcface":
-        raise ValueError(
-            "config.train.easy_margin is only defined for arcface, but config.train.loss is "
-            f"{t.loss!r}"
-        )
-
-
-# ----------------------------------------------------------------------------- optimiser
-
-
-def create_learning_rate_fn(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """step -> learning rate (``config.train.schedule``), built once per run."""
-    t = config.train
-    return SCHEDULES[t.schedule](t)
-
-
-SCHEDULES = {
-    "constant": lambda t: optax.constant_schedule(t.learning_rate),
-    "cosine": lambda t: optax.cosine_decay_schedule(t.learning_rate, t.num_steps),
-    "warmup_cosine": lambda t: optax.warmup_cosine_decay_schedule(
-        0.0, t.learning_rate, min(t.warmup_steps, t.num_steps - 1), max(t.num_steps, 2)
-    ),
-}
-
-OPTIMIZERS = {
-    "adam": lambda t, lr: optax.adam(lr),
-    "adamw": lambda t, lr: optax.adamw(lr, weight_decay=t.weight_decay),
-    "sgd": lambda t, lr: optax.chain(
-        optax.add_decayed_weights(t.weight_decay), optax.sgd(lr, momentum=0.9, nesterov=True)
-    ),
-}
-
-
-def create_optimizer(
-    config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule | None = None
-) -> optax.GradientTransformation:
-    t = config.train
-    tx = OPTIMIZERS[t.optimizer](t, learning_rate_fn or create_learning_rate_fn(config))
-    if t.grad_clip_norm > 0:
-        tx = optax.chain(optax.clip_by_global_norm(t.grad_clip_norm), tx)
-    return tx
-
-
-# ----------------------------------------------------------------------------- state
-
-
-def create_train_state(
-    config: ml_collections.ConfigDict,
-    rng: jax.Array,
-    image_shape: tuple[int, int, int],
-    *,
-    model: Any = None,
-    learning_rate_fn: optax.Schedule | None = None,
-    num_classes: int | None = None,
-) -> TrainState:
-    """Initialises params and BatchNorm statistics for images [1, H, W, C], and the class weights.
-
-    ``model`` (default: built from ``config.model`` with synchronised BatchNorm on the data axis)
-    and ``learning_rate_fn`` (default: ``create_learning_rate_fn(config)``) are passed in by a run
-    that builds them once. Init runs outside shard_map in inference mode, where BatchNorm uses no
-    axis, so the same module serves init and the step. The model is initialised from ``rng``
-    itself, whatever the loss, so ``inference.untrained_embedder`` rebuilds step 0 from the seed.
-
-    ``num_classes`` (C, the training identities: ``len(training_classes(...))``) is needed when
-    ``config.train.loss`` has a margin-softmax term: W [C, embedding_dim] is drawn by
-    ``losses.init_class_weights`` from ``fold_in(rng, 1)``. Triplet-only runs have no W.
-    """
-    model = model or models.create_model(config.model, bn_axis_name=AXIS)
-    variables = jax.jit(functools.partial(model.init, train=False))(
-        rng, jnp.zeros((1, *image_shape), jnp.float32)
-    )
-    class_weights = None
-    if LossSettings.from_config(config.train).margin_kind:
-        if num_classes is None:
-            raise ValueError(
-                f"config.train.loss={config.train.loss!r} trains a class-weight matrix: "
-                "create_train_state needs num_classes (the number of training identities)"
-            )
-        class_weights = losses.init_class_weights(
-            jax.random.fold_in(rng, 1), int(num_classes), config.model.embedding_dim
-        )
-    return TrainState.create(
-        apply_fn=model.apply,
-        params=variables["params"],
-        batch_stats=variables["batch_stats"],
-        class_weights=class_weights,
-        tx=create_optimizer(config, learning_rate_fn),
-    )
-
-
-def training_classes(labels: np.ndarray, train_indices: np.ndarray, min_images: int) -> np.ndarray:
-    """[C] sorted identity labels of the training identities: class c is identity ``out[c]``.
-
-    The identities the PK sampler draws (``records.RecordDataset``): those with at least
-    ``min_images`` images in the training split. ``labels`` [N] is every record's identity,
-    ``train_indices`` the training split's records.
-    """
-    ids, counts = np.unique(np.asarray(labels)[np.asarray(train_indices)], return_counts=True)
-    return ids[(counts >= min_images) & (ids != IGNORE_LABEL)]
-
-
-def dataset_classes(dataset: input_pipeline.FaceDataset) -> np.ndarray:
-    """``training_classes`` of a ``records.RecordDataset`` (every source builds one)."""
-    return training_classes(dataset.labels, dataset.splits["train"], dataset.spec.min_images)
-
-
-def to_class_labels(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """[B] identity labels -> [B] int32 class indices into ``classes`` (sorted), and
-    ``IGNORE_LABEL`` for any label that is not a training class (padding included).
-
-    Over the training identities this is a bijection, so the triplet loss (which only compares
-    labels) is unchanged; the margin-softmax losses need indices 0..C-1.
-    """
-    labels, classes = np.asarray(labels), np.asarray(classes)
-    if not len(classes):
-        return np.full(labels.shape, IGNORE_LABEL, np.int32)
-    pos = np.minimum(np.searchsorted(classes, labels), len(classes) - 1)
-    return np.where(classes[pos] == labels, pos, IGNORE_LABEL).astype(np.int32)
-
-
 # ----------------------------------------------------------------------------- update step
 
 # The parts of a step the non-finite guard checks, in the bit order of ``metrics["nonfinite"]``.
-NONFINITE_PARTS = ("loss", "gradients", "parameters", "batch_stats", "optimizer state")
 
 
 def train_step(
@@ -449,7 +214,7 @@ def train_step(
         )
 
     def loss_fn(trainable):
-        params, class_weights = _split_trainable(trainable, has_w)
+        params, class_weights = split_trainable(trainable, has_w)
         emb, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats},
             images,
@@ -565,74 +330,6 @@ def make_train_step(
         check_vma=False,
     )
     return jax.jit(step, donate_argnums=(0,))
-
-
-# ----------------------------------------------------------------------------- faults
-
-
-class NonFiniteError(FloatingPointError):
-    """Training produced NaN or inf: ``on_nonfinite=stop``, or too many skipped steps in a row."""
-
-
-class Preempted(Exception):  # noqa: N818 -- an outcome, like KeyboardInterrupt.
-    """Training stopped on SIGTERM / SIGINT after saving a checkpoint at ``step``."""
-
-    def __init__(self, message: str, step: int, signal_number: int):
-        super().__init__(message)
-        self.step = step
-        self.signal_number = signal_number
-
-
-class NonFiniteGuard:
-    """The host side of the guard: reads each step's ``nonfinite`` flag and stops or counts.
-
-    The flag of step s is read after step s+1 is dispatched (and at every step that logs, saves or
-    evaluates), so the device never waits for the host; a checkpoint is only written after the
-    flags of all steps up to it were read.
-    """
-
-    def __init__(self, train_config: ml_collections.ConfigDict, last_good: Any):
-        self.mode = train_config.on_nonfinite
-        self.max_in_a_row = train_config.max_nonfinite_skips
-        self.last_good = last_good  # () -> "checkpoint step 3 in DIR" (what a rerun resumes).
-        self.skipped = 0  # Since the last ``take_skipped``.
-        self.in_a_row = 0
-        self.last_ok = True  # Whether the last step checked was finite.
-
-    def check(self, step: int, metrics: dict[str, jax.Array]) -> None:
-        code = int(jax.device_get(metrics["nonfinite"]))
-        self.last_ok = not code
-        if not code:
-            self.in_a_row = 0
-            return
-        parts = [name for i, name in enumerate(NONFINITE_PARTS) if code >> i & 1]
-        values = {k: float(jax.device_get(metrics[k])) for k in ("loss", "grad_norm")}
-        what = (
-            f"step {step}: non-finite {', '.join(parts)} "
-            f"(loss {values['loss']:.4g}, grad_norm {values['grad_norm']:.4g})"
-        )
-        advice = (
-            "lower config.train.learning_rate or set config.train.grad_clip_norm; "
-            "config.train.on_nonfinite=skip drops such steps instead"
-        )
-        if self.mode == "stop":
-            raise NonFiniteError(
-                f"{what}: the update was not applied and no checkpoint written; "
-                f"last good checkpoint: {self.last_good()}; {advice}"
-            )
-        self.skipped += 1
-        self.in_a_row += 1
-        logging.warning("%s: update skipped (%d in a row)", what, self.in_a_row)
-        if self.in_a_row >= self.max_in_a_row:
-            raise NonFiniteError(
-                f"{what}: {self.in_a_row} non-finite steps in a row "
-                f"(config.train.max_nonfinite_skips={self.max_in_a_row}), stopping; "
-                f"last good checkpoint: {self.last_good()}; {advice}"
-            )
-
-    def take_skipped(self) -> int:
-        n, self.skipped = self.skipped, 0
-        return n
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -809,7 +506,7 @@ def _train_loop(
     """
     t = config.train
     global_batch = config.data.identities_per_batch * config.data.images_per_identity
-    guard = NonFiniteGuard(t, lambda: _last_checkpoint(manager))
+    guard = NonFiniteGuard(t, lambda: last_checkpoint(manager))
     progress = None
     if t.progress_bar and jax.process_index() == 0 and start_step < t.num_steps:
         from tqdm.auto import tqdm
@@ -882,46 +579,6 @@ def _train_loop(
         if progress is not None:
             progress.close()
     return state
-
-
-def _last_checkpoint(manager) -> str:
-    steps = manager.all_steps()
-    if not steps:
-        return "none (a rerun starts from step 0)"
-    return f"step {max(steps)} in {manager.directory}"
-
-
-COLLAPSE_DISTANCE = 1e-2  # Mean mined distances below this (both) mean f(x) is ~constant.
-
-
-def collapse_message(
-    metrics: dict[str, Any], train_config: ml_collections.ConfigDict | None = None
-) -> str | None:
-    """A warning when the mined triplets say the embedding has collapsed to one point, else None.
-
-    With unit-norm embeddings, distinct identities at a mean mined distance d(a,n) < 0.01 (and
-    positives as close) mean f(x) is nearly constant: the failure of the hardest negatives that
-    FaceNet describes (docs/ablations.md measures it for batch_hard and hardest). The advice
-    depends on the run's ``train_config``: semi-hard mining is only suggested to runs without it.
-    """
-    pos, neg = float(metrics["mean_pos_dist"]), float(metrics["mean_neg_dist"])
-    if max(pos, neg) >= COLLAPSE_DISTANCE or metrics.get("num_valid", 1) == 0:
-        return None
-    message = (
-        f"the embedding looks collapsed: mean mined d(a,p) = {pos:.2g} and d(a,n) = {neg:.2g} "
-        f"(< {COLLAPSE_DISTANCE:g}), {float(metrics['fraction_active']):.0%} active; f(x) is "
-        "nearly constant. "
-    )
-    if train_config is not None and train_config.mining == "semi_hard":
-        return message + (
-            "Semi-hard mining is already on: a learning rate too high for the network is the "
-            f"usual cause; lower config.train.learning_rate (now {train_config.learning_rate:g}) "
-            "or set config.train.grad_clip_norm"
-        )
-    return message + (
-        "Semi-hard mining (train.mining=semi_hard) avoids this; with "
-        "hardest negatives, plain distances (train.squared=False) helped (docs/ablations.md)"
-    )
 
 
 def _log_summary(final: dict[str, Any], baseline: dict[str, Any] | None, config) -> None:
