@@ -173,13 +173,6 @@ def load_file(root: str | None, rel: str, spec: DataSpec) -> np.ndarray:
     return preprocessing.load_image_bytes(read_bytes(root, rel), spec, name)
 
 
-def _align_landmarks(data: bytes, spec: DataSpec) -> np.ndarray | None:
-    """crop=align finder (picklable): the landmarks of ``data``'s canonical encoding, as
-    ``load_image_bytes`` looks them up (also cached under that encoding's key)."""
-    stored, _ = preprocessing.canonical_encoding(data)
-    return preprocessing.face_landmarks(stored, spec)
-
-
 def find_faces(datas: Sequence[bytes], spec: DataSpec, num_workers: int = 0) -> list | None:
     """What crop=detect / crop=align needs of every image, from the content-keyed detection cache,
     the misses found in ``num_workers`` processes (``detection_cache.fill``; 0 = one per core).
@@ -190,7 +183,7 @@ def find_faces(datas: Sequence[bytes], spec: DataSpec, num_workers: int = 0) -> 
     if spec.crop == "detect":
         return face_detection.cached_boxes(list(datas), spec.detector, num_workers)
     if spec.crop == "align":
-        find = functools.partial(_align_landmarks, spec=spec)
+        find = functools.partial(alignment.find_landmarks, spec=spec)
         detection_cache.fill(datas, find, alignment.get_cache(spec.detector), num_workers)
     return None
 

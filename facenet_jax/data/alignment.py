@@ -277,6 +277,16 @@ def cached_landmarks(
     return detection_cache.cached(data, find, cache or get_cache(detector))
 
 
+def find_landmarks(data: bytes, spec) -> np.ndarray | None:
+    """Relative landmarks [5, 2] of ``data``'s canonical encoding as ``load_image_bytes`` looks
+    them up (and caches them under that encoding's key), or None. Picklable, and light to import
+    in a spawned detector process (no JAX): ``detection_cache.fill``'s finder for crop=align."""
+    from facenet_jax.data import preprocessing
+
+    stored, _ = preprocessing.canonical_encoding(data)
+    return preprocessing.face_landmarks(stored, spec)
+
+
 def survey_landmarks(
     named: Iterable[tuple[str, bytes]],
     find: Callable[[bytes], np.ndarray | None],
