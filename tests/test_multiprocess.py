@@ -10,15 +10,19 @@ One launch covers the multi-host contract (compiles are the cost, so it is one t
   * their steps equal the 1-process x 4-device steps (global mining, same global batches),
   * all processes save the next checkpoint through orbax, which a single process restores,
   * only process 0 writes metrics, config, evaluation and plots (each record once).
+A second launch preempts one process with SIGTERM: every process saves the same step and exits.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -241,3 +245,41 @@ def test_initialize_distributed_reads_flags_env_and_launchers(monkeypatch, args,
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
     parallel.initialize_distributed(*args)
     assert calls == ([] if expected is None else [expected])
+
+
+def test_sigterm_on_one_process_stops_every_process_at_the_same_saved_step(tmp_path):
+    """Preemption of one host: JAX's preemption service tells every process, all save the same
+    step through orbax and exit 143; each step is logged once."""
+    workdir = str(tmp_path / "run")
+    port = _free_loopback_port()
+    cmds = [
+        [
+            *_main_command(workdir, port, i),
+            "--config.train.num_steps=100000",
+            "--config.train.checkpoint_every=100000",
+            "--config.train.log_every=1",
+            "--config.eval.baseline=False",
+        ]
+        for i in range(NUM_PROCESSES)
+    ]
+    with ProcessGroup(cmds, str(tmp_path)) as group:
+        deadline = time.time() + TIMEOUT_S
+        while time.time() < deadline:
+            if any(p.poll() is not None for p in group.procs):
+                pytest.fail("a process exited before the signal:\n" + _read(group.files[0][1]))
+            path = os.path.join(workdir, "metrics.jsonl")
+            if os.path.exists(path) and len(metric_logging.read_metrics(workdir)) >= 3:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the run did not log 3 steps in time")
+        group.procs[1].send_signal(signal.SIGTERM)  # Only process 1 is preempted.
+        codes = [p.wait(timeout=TIMEOUT_S) for p in group.procs]
+        stderrs = [_read(err) for _, err in group.files]
+    assert codes == [128 + signal.SIGTERM] * NUM_PROCESSES, "\n".join(s[-2000:] for s in stderrs)
+    saved = [int(re.search(r"saved checkpoint step (\d+)", s).group(1)) for s in stderrs]
+    assert saved[0] == saved[1], saved
+    steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+    assert steps == [saved[0]]
+    logged = [r["step"] for r in metric_logging.read_metrics(workdir)]
+    assert logged == list(range(1, saved[0] + 1))
