@@ -1,14 +1,29 @@
-"""Shared layers and conventions of every backbone: compute dtypes, BatchNorm, L2 normalisation."""
+"""Shared layers and conventions of every backbone: compute dtypes, BatchNorm, L2 normalisation,
+and the convolution and max-pool that every backbone uses (``Conv``, ``max_pool``).
+
+``Conv`` and ``max_pool`` compute the same forward pass as ``nn.Conv`` and ``nn.max_pool`` (the
+same ``lax`` ops, bit for bit) with the same parameters; only their gradients are formulated for
+speed on XLA:CPU (docs/bench_train_step.md measures why):
+
+* the kernel gradient of a convolution is written as matrix products over kernel rows instead of
+  XLA's backward-filter convolution (whose window is the whole image; YNNPACK runs it several
+  times slower than the forward convolution);
+* the max-pool gradient is a mask of each window's first maximum times the incoming gradient,
+  summed back onto the input grid, instead of ``select_and_scatter`` (which XLA:CPU expands into
+  a variadic reduce-window, an iota and a scatter).
+"""
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+from jax import lax
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -44,3 +59,200 @@ class PReLU(nn.Module):
         init = nn.initializers.constant(0.25)
         slope = self.param("negative_slope", init, (x.shape[-1],), jnp.float32)
         return jnp.where(x >= 0, x, slope.astype(self.dtype) * x)
+
+
+# ----------------------------------------------------------------------------- convolution
+
+_DIMS = ("NHWC", "HWIO", "NHWC")
+
+
+Padding = str | int | Sequence[tuple[int, int]]
+
+
+def _pairs(padding: Padding, in_hw: Sequence[int], window: tuple, strides: tuple) -> tuple:
+    """Explicit ((lo, hi), (lo, hi)) spatial padding, as ``lax`` resolves "SAME" / "VALID"."""
+    if isinstance(padding, str):
+        return tuple(tuple(p) for p in lax.padtype_to_pads(in_hw, window, strides, padding))
+    if isinstance(padding, int):
+        return ((padding, padding),) * 2
+    return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+def _tap(xp: jax.Array, i: int, j: int, strides: tuple, out_hw: tuple) -> jax.Array:
+    """xp[:, s_h p + i, s_w q + j, :] for p < OH, q < OW: the input under window tap (i, j)."""
+    (sh, sw), (oh, ow) = strides, out_hw
+    xi = lax.slice_in_dim(xp, i, i + sh * (oh - 1) + 1, sh, axis=1)
+    return lax.slice_in_dim(xi, j, j + sw * (ow - 1) + 1, sw, axis=2)
+
+
+def _conv(x: jax.Array, kernel: jax.Array, strides: tuple, pads: tuple, groups: int) -> jax.Array:
+    return lax.conv_general_dilated(
+        x, kernel, strides, pads, dimension_numbers=_DIMS, feature_group_count=groups
+    )
+
+
+def conv_kernel_grad(
+    x: jax.Array, g: jax.Array, kernel_shape: tuple, strides: tuple, pads: tuple
+) -> jax.Array:
+    """dL/dW of y = conv(x, W) (stride s, padding ``pads``, one group) as KH matrix products.
+
+    With xp = x zero-padded, y[b,p,q,o] = sum_{i,j,c} xp[b, s p + i, s q + j, c] W[i,j,c,o], so
+
+        dW[i,j,c,o] = sum_{b,p,q} xp[b, s p + i, s q + j, c] g[b,p,q,o].
+
+    For each kernel row i the patches P_i[(b,p,q), (j,c)] = xp[b, s p + i, s q + j, c]
+    ([N, KW C], N = B OH OW) are gathered and dW[i]^T = g^T P_i ([O, N] @ [N, KW C]): products
+    with a long contraction that the CPU's matmul kernels run near their peak, and patches KW
+    (not KH KW) times the size of x.
+
+    Args:
+      x: [B, H, W, C] input; g: [B, OH, OW, O] gradient of y; kernel_shape: (KH, KW, C, O).
+    Returns:
+      [KH, KW, C, O] in x's dtype, accumulated in float32.
+    """
+    kh, kw, c, o = kernel_shape
+    out_hw = g.shape[1:3]
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    gt = g.reshape(-1, o).T
+    rows = []
+    for i in range(kh):
+        taps = [_tap(xp, i, j, strides, out_hw) for j in range(kw)]
+        patches = taps[0] if kw == 1 else jnp.concatenate(taps, axis=-1)
+        row = jnp.matmul(gt, patches.reshape(-1, kw * c), preferred_element_type=jnp.float32)
+        rows.append(row.reshape(o, kw, c))
+    return jnp.stack(rows).transpose(0, 2, 3, 1).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(x: jax.Array, kernel: jax.Array, strides: tuple, pads: tuple) -> jax.Array:
+    """``lax.conv_general_dilated`` (NHWC x HWIO -> NHWC, explicit ``pads``, one group) whose
+    kernel gradient is ``conv_kernel_grad``; the input gradient is lax's own transpose."""
+    return _conv(x, kernel, strides, pads, 1)
+
+
+def _conv2d_fwd(x, kernel, strides, pads):
+    return _conv(x, kernel, strides, pads, 1), (x, kernel)
+
+
+def _conv2d_bwd(strides, pads, residuals, g):
+    x, kernel = residuals
+    _, input_vjp = jax.vjp(lambda x: _conv(x, kernel, strides, pads, 1), x)
+    (dx,) = input_vjp(g)
+    return dx, conv_kernel_grad(x, g, kernel.shape, strides, pads).astype(kernel.dtype)
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+class Conv(nn.Module):
+    """2-D convolution with ``nn.Conv``'s parameters (``kernel`` [KH, KW, C/groups, F], optional
+    ``bias`` [F]), initialisers and forward pass; one group uses ``conv2d``'s fast gradient.
+
+    Shapes: [B, H, W, C] -> [B, H', W', F]. Drop-in for the ``nn.Conv`` arguments the backbones
+    use; old checkpoints load because the parameter tree is the same (the class is also named
+    Conv, so automatic names stay ``Conv_0``, ``Conv_1``, ...).
+    """
+
+    features: int
+    kernel_size: Sequence[int]
+    strides: int | Sequence[int] = 1
+    padding: Padding = "SAME"
+    feature_group_count: int = 1
+    use_bias: bool = True
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable = nn.linear.default_kernel_init
+    bias_init: Callable = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        kernel_hw = tuple(self.kernel_size)
+        if x.ndim != 4 or len(kernel_hw) != 2:
+            raise ValueError(
+                f"Conv expects [B, H, W, C] inputs and a 2-D kernel, got {x.shape} and {kernel_hw}"
+            )
+        strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
+        groups = self.feature_group_count
+        kernel_shape = (*kernel_hw, x.shape[-1] // groups, self.features)
+        kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
+        bias = None
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        pads = _pairs(self.padding, x.shape[1:3], kernel_hw, strides)
+        if groups == 1:
+            y = conv2d(x, kernel, strides, pads)
+        else:
+            y = _conv(x, kernel, strides, pads, groups)
+        return y if bias is None else y + bias
+
+
+# ----------------------------------------------------------------------------- max-pool
+
+
+def _reduce_window_max(x, window, strides, pads):
+    return lax.reduce_window(
+        x, -jnp.inf, lax.max, (1, *window, 1), (1, *strides, 1), ((0, 0), *pads, (0, 0))
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool(x: jax.Array, window: tuple, strides: tuple, pads: tuple) -> jax.Array:
+    return _reduce_window_max(x, window, strides, pads)
+
+
+def _max_pool_fwd(x, window, strides, pads):
+    y = _reduce_window_max(x, window, strides, pads)
+    return y, (x, y)
+
+
+def _max_pool_bwd(window, strides, pads, residuals, g):
+    """dx = sum over taps t of scatter_t(g * [x_t == y and no earlier tap of the window was]).
+
+    Each window's gradient goes to its first maximum in row-major window order, as XLA's
+    ``select_and_scatter`` with ``>=`` does; overlapping windows add up.
+    """
+    x, y = residuals
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
+    (hp, wp), (sh, sw), (oh, ow) = xp.shape[1:3], strides, y.shape[1:3]
+    zero = jnp.zeros((), g.dtype)
+    found = jnp.zeros(y.shape, bool)
+    dxp = None
+    for i in range(window[0]):
+        for j in range(window[1]):
+            hit = (_tap(xp, i, j, strides, (oh, ow)) == y) & ~found
+            found = found | hit
+            contribution = jnp.where(hit, g, zero)
+            placed = lax.pad(
+                contribution,
+                zero,
+                (
+                    (0, 0, 0),
+                    (i, hp - i - sh * (oh - 1) - 1, sh - 1),
+                    (j, wp - j - sw * (ow - 1) - 1, sw - 1),
+                    (0, 0, 0),
+                ),
+            )
+            dxp = placed if dxp is None else dxp + placed
+    (top, _), (left, _) = pads
+    return (dxp[:, top : top + x.shape[1], left : left + x.shape[2]],)
+
+
+_max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+def max_pool(
+    x: jnp.ndarray,
+    window_shape: Sequence[int],
+    strides: Sequence[int] | None = None,
+    padding: Padding = "VALID",
+) -> jnp.ndarray:
+    """``nn.max_pool`` over [B, H, W, C] (same forward: ``lax.reduce_window``, -inf padding) with
+    a gradient that XLA:CPU runs as fused elementwise ops (see ``_max_pool_bwd``)."""
+    window = tuple(window_shape)
+    strides = tuple(strides) if strides is not None else (1,) * len(window)
+    if x.ndim != 4 or len(window) != 2 or len(strides) != 2:
+        raise ValueError(
+            f"max_pool expects [B, H, W, C] and 2-D windows, got {x.shape}, {window}, {strides}"
+        )
+    return _max_pool(x, window, strides, _pairs(padding, x.shape[1:3], window, strides))

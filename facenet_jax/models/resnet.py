@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from facenet_jax.models.head import EmbeddingHead
-from facenet_jax.models.layers import batch_norm
+from facenet_jax.models.layers import Conv, batch_norm, max_pool
 
 
 class ResidualBlock(nn.Module):
@@ -23,7 +23,7 @@ class ResidualBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+        conv = functools.partial(Conv, use_bias=False, dtype=self.dtype)
         y = conv(self.filters, (3, 3), strides=self.strides)(x)
         y = nn.relu(self.norm()(y))
         y = conv(self.filters, (3, 3))(y)
@@ -50,11 +50,11 @@ class ResNet(nn.Module):
         norm = batch_norm(train, self.dtype, self.bn_axis_name)
         x = x.astype(self.dtype)
         if x.shape[1] >= 96:
-            x = nn.Conv(self.width, (7, 7), strides=2, use_bias=False, dtype=self.dtype)(x)
+            x = Conv(self.width, (7, 7), strides=2, use_bias=False, dtype=self.dtype)(x)
             x = nn.relu(norm()(x))
-            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
+            x = max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
         else:
-            x = nn.Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype)(x)
+            x = Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype)(x)
             x = nn.relu(norm()(x))
         for i, size in enumerate(self.stage_sizes):
             for j in range(size):

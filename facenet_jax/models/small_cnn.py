@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from facenet_jax.models.head import EmbeddingHead
-from facenet_jax.models.layers import batch_norm
+from facenet_jax.models.layers import Conv, batch_norm, max_pool
 
 
 class SmallCNN(nn.Module):
@@ -29,7 +29,7 @@ class SmallCNN(nn.Module):
         x = x.astype(self.dtype)
         for stage in range(3):
             for _ in range(2):
-                x = nn.Conv(self.width * 2**stage, (3, 3), use_bias=False, dtype=self.dtype)(x)
+                x = Conv(self.width * 2**stage, (3, 3), use_bias=False, dtype=self.dtype)(x)
                 x = nn.relu(norm()(x))
-            x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+            x = max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
         return EmbeddingHead(self.embedding_dim, dtype=self.dtype, pooling=self.pooling)(x)
