@@ -23,7 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from facenet_jax.models.layers import batch_norm, l2_normalize
+from facenet_jax.models.layers import Conv, batch_norm, l2_normalize, max_pool
 
 
 class ConvBN(nn.Module):
@@ -38,7 +38,7 @@ class ConvBN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        x = nn.Conv(
+        x = Conv(
             self.filters,
             self.kernel,
             strides=self.strides,
@@ -71,7 +71,7 @@ class InceptionResidual(nn.Module):
             for filters, kernel in branch:
                 y = ConvBN(filters, kernel, self.norm, dtype=self.dtype)(y)
             outs.append(y)
-        up = nn.Conv(x.shape[-1], (1, 1), dtype=self.dtype, name="up")(jnp.concatenate(outs, -1))
+        up = Conv(x.shape[-1], (1, 1), dtype=self.dtype, name="up")(jnp.concatenate(outs, -1))
         x = x + self.scale * up
         return nn.relu(x) if self.activate else x
 
@@ -110,7 +110,7 @@ class InceptionResNetV1(nn.Module):
         c = self._c
         pad = "VALID" if x.shape[1] >= 96 else "SAME"  # published geometry for full-size faces
         conv = functools.partial(ConvBN, norm=norm, dtype=self.dtype)
-        pool = functools.partial(nn.max_pool, window_shape=(3, 3), strides=(2, 2), padding=pad)
+        pool = functools.partial(max_pool, window_shape=(3, 3), strides=(2, 2), padding=pad)
         x = x.astype(self.dtype)
         # Stem: 160 -> 79 -> 77 -> 77 -> 38 -> 38 -> 36 -> 17 (VALID).
         x = conv(c(32), (3, 3), strides=2, padding=pad)(x)

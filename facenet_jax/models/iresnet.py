@@ -20,7 +20,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from facenet_jax.models.layers import PReLU, batch_norm, l2_normalize
+from facenet_jax.models.layers import Conv, PReLU, batch_norm, l2_normalize
 
 
 class IRBlock(nn.Module):
@@ -36,7 +36,7 @@ class IRBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+        conv = functools.partial(Conv, use_bias=False, dtype=self.dtype)
         y = self.norm()(x)
         y = conv(self.filters, (3, 3))(y)
         y = PReLU(dtype=self.dtype)(self.norm()(y))
@@ -74,7 +74,7 @@ class IResNet(nn.Module):
             raise ValueError(f"IResNet pooling: {self.pooling!r}; allowed: ['avg', 'flatten']")
         norm = batch_norm(train, self.dtype, self.bn_axis_name)
         x = x.astype(self.dtype)
-        x = nn.Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype)(x)
+        x = Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype)(x)
         x = PReLU(dtype=self.dtype)(norm()(x))
         for i, size in enumerate(self.stage_sizes):
             for j in range(size):

@@ -24,7 +24,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from facenet_jax.models.layers import PReLU, batch_norm, l2_normalize
+from facenet_jax.models.layers import Conv, PReLU, batch_norm, l2_normalize
 
 # (expansion t, output channels c at width 64, repeats n, stride s of the first repeat).
 BOTTLENECKS = ((2, 64, 5, 2), (4, 128, 1, 2), (2, 128, 6, 1), (4, 128, 1, 2), (2, 128, 2, 1))
@@ -42,7 +42,7 @@ class Bottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+        conv = functools.partial(Conv, use_bias=False, dtype=self.dtype)
         hidden = x.shape[-1] * self.expansion
         y = PReLU(dtype=self.dtype)(self.norm()(conv(hidden, (1, 1))(x)))
         y = conv(hidden, (3, 3), strides=self.strides, feature_group_count=hidden)(y)
@@ -85,7 +85,7 @@ class MobileFaceNet(nn.Module):
                 f"MobileFaceNet pooling: {self.pooling!r}; allowed: ['avg', 'flatten']"
             )
         norm = batch_norm(train, self.dtype, self.bn_axis_name)
-        conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+        conv = functools.partial(Conv, use_bias=False, dtype=self.dtype)
         x = x.astype(self.dtype)
         c = self._channels(64)
         x = PReLU(dtype=self.dtype)(norm()(conv(c, (3, 3), strides=2)(x)))
