@@ -1,0 +1,281 @@
+"""Train-step throughput on one device: facenet_jax next to the same network in PyTorch.
+
+    python experiments/bench_train_step.py                        # docs/bench_train_step.md
+    python experiments/bench_train_step.py --rows small_cnn:64:16 resnet18:112:64 --steps 5
+    python experiments/bench_train_step.py --rows small_cnn:64:16 --old-layers  # before issue 12
+
+Each row (``model:image_size:width[:pooling]``, default pooling avg) builds, in this process:
+
+* ours: ``train.make_train_step`` exactly as training runs it: ``shard_map`` over a 1-device
+  mesh, global semi-hard mining (all-gather, psum), the non-finite guard, metrics, Adam;
+* ours, plain jit: the same model, loss (``losses.triplet_terms``, semi-hard) and optimiser in one
+  ``jax.jit`` with no shard_map, collectives, guard or metrics: their overhead is the difference;
+* PyTorch: the twin from ``experiments/torch_peers.py`` (same layers, padding, parameter count;
+  its weights are copied from ours and its embeddings checked equal to ours before timing), the
+  same semi-hard loss (``torch_peers.semi_hard_triplet_loss``, checked equal to ours) and
+  ``torch.optim.Adam``. PyTorch runs NCHW, its native layout; ours NHWC. (pytorch-metric-learning's
+  semi-hard miner builds every triplet: 0.37 s of a 1.5 s step here, so it is not used.)
+
+Batch 128 = P 16 x K 8 random images in [-1, 1], the same for all; ``--warmup`` untimed steps
+each (compilation included there), then ``--steps`` rounds in which the three run one step each,
+in turn, so a change of machine load hits all three alike; the table reports median images/s and
+ours / PyTorch for each. The machine's load average is printed with every row (the ratio measured
+in the same run is what counts on a shared machine). ``--old-layers`` swaps the backbones'
+``layers.Conv`` / ``layers.max_pool`` for ``nn.Conv`` / ``nn.max_pool`` (the state before
+issue 12). The PyTorch twin needs the ``bench`` extra: ``pip install -e .[bench]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for path in (REPO, os.path.join(REPO, "experiments")):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from configs import default  # noqa: E402
+from facenet_jax import losses, models, parallel, train  # noqa: E402
+from facenet_jax.train_state import TrainState, create_optimizer  # noqa: E402
+
+# (model, image size, width, pooling): the table's rows. Add a backbone here (and its twin to
+# torch_peers.PEERS).
+ROWS = [
+    ("small_cnn", 32, 16, "avg"),
+    ("small_cnn", 64, 16, "avg"),
+    ("small_cnn", 64, 32, "avg"),
+    ("resnet18", 64, 32, "avg"),
+    ("resnet18", 112, 64, "avg"),
+    ("mobilefacenet", 112, 64, "flatten"),
+    ("ir18", 112, 64, "flatten"),
+    ("inception_resnet_v1", 160, 32, "avg"),
+]
+P, K = 16, 8  # batch 128 = 16 identities x 8 images
+MARGIN, LEARNING_RATE = 0.2, 1e-3
+
+
+def parse_row(text: str) -> tuple[str, int, int, str]:
+    parts = text.split(":")
+    if len(parts) not in (3, 4) or parts[0] not in models.MODELS:
+        raise argparse.ArgumentTypeError(
+            f"--rows: {text!r} is not model:image_size:width[:pooling] with model in "
+            f"{list(models.MODELS)}"
+        )
+    return parts[0], int(parts[1]), int(parts[2]), parts[3] if len(parts) == 4 else "avg"
+
+
+def row_config(name: str, size: int, width: int, pooling: str):
+    config = default.get_config()
+    config.model.name, config.model.width, config.model.pooling = name, width, pooling
+    config.data.image_size, config.data.channels = size, 3
+    config.data.identities_per_batch, config.data.images_per_identity = P, K
+    t = config.train
+    t.mining, t.mining_scope, t.margin, t.optimizer = "semi_hard", "global", MARGIN, "adam"
+    t.schedule, t.learning_rate = "constant", LEARNING_RATE
+    return config
+
+
+@contextlib.contextmanager
+def old_layers(enabled: bool):
+    """Builds the backbones on nn.Conv / nn.max_pool while active (the pre-issue-12 layers)."""
+    from facenet_jax.models import inception_resnet, iresnet, mobilefacenet, resnet, small_cnn
+
+    saved = []
+    if enabled:
+        for module in (small_cnn, resnet, iresnet, mobilefacenet, inception_resnet):
+            for attr, ref in (("Conv", nn.Conv), ("max_pool", nn.max_pool)):
+                if hasattr(module, attr):
+                    saved.append((module, attr, getattr(module, attr)))
+                    setattr(module, attr, ref)
+    try:
+        yield
+    finally:
+        for module, attr, value in saved:
+            setattr(module, attr, value)
+
+
+# ----------------------------------------------------------------------------- the three steps
+
+
+def ours_step(config, images, labels):
+    """train.make_train_step on a 1-device mesh; returns (run one step, state, model)."""
+    mesh = parallel.create_mesh(jax.devices()[:1])
+    state = train.create_train_state(config, jax.random.key(0), images.shape[1:])
+    state = parallel.replicate(state, mesh)
+    step_fn = train.make_train_step(config, mesh)
+    batch = parallel.shard_batch({"image": images, "label": labels}, mesh)
+    box = [state]
+
+    def run():
+        box[0], metrics = step_fn(box[0], batch)
+        jax.block_until_ready(metrics["loss"])
+
+    return run, state
+
+
+def plain_step(config, images, labels, params, batch_stats):
+    """The same model, loss and optimiser in one jax.jit: no shard_map, collectives or guard."""
+    model = models.create_model(config.model)
+    state = TrainState.create(
+        apply_fn=model.apply, params=params, batch_stats=batch_stats, tx=create_optimizer(config)
+    )
+
+    @functools.partial(jax.jit, donate_argnums=(0,))
+    def step(state, images, labels):
+        def loss_fn(params):
+            emb, updates = state.apply_fn(
+                {"params": params, "batch_stats": state.batch_stats},
+                images,
+                train=True,
+                mutable=["batch_stats"],
+            )
+            terms = losses.triplet_terms(emb, labels, strategy="semi_hard", margin=MARGIN)
+            return terms.loss_sum / jnp.maximum(terms.count, 1), updates["batch_stats"]
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        return state.apply_gradients(grads=grads, batch_stats=batch_stats), loss
+
+    box = [state]
+    images, labels = jnp.asarray(images), jnp.asarray(labels)
+
+    def run():
+        box[0], loss = step(box[0], images, labels)
+        jax.block_until_ready(loss)
+
+    return run
+
+
+def torch_step(config, images, labels, variables):
+    """The PyTorch twin with our initial weights; returns (run, parameter count, max |emb diff|)."""
+    import torch
+    import torch_peers
+
+    m, size = config.model, config.data.image_size
+    peer = torch_peers.create_peer(m.name, m.width, m.embedding_dim, m.pooling, size)
+    order = torch_peers.creation_order(models.create_model(m), images.shape[1:])
+    torch_peers.copy_variables(variables, order, peer)
+    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    y = torch.from_numpy(labels.astype(np.int64))
+    ours = models.create_model(m).apply(variables, images[:16], train=True, mutable=["batch_stats"])
+    peer.train()
+    with torch.no_grad():
+        diff = float(np.abs(peer(x[:16]).numpy() - np.asarray(ours[0])).max())
+    torch_peers.copy_variables(variables, order, peer)  # undo the running-statistics update
+    probe = np.random.default_rng(1).normal(size=(len(labels), m.embedding_dim))
+    probe = (probe / np.linalg.norm(probe, axis=1, keepdims=True)).astype(np.float32)
+    ours_loss, _ = losses.semi_hard_triplet_loss(jnp.asarray(probe), jnp.asarray(labels), MARGIN)
+    peer_loss = torch_peers.semi_hard_triplet_loss(torch.from_numpy(probe), y, MARGIN)
+    np.testing.assert_allclose(float(peer_loss), float(ours_loss), rtol=1e-4)
+    opt = torch.optim.Adam(peer.parameters(), lr=LEARNING_RATE)
+
+    def run():
+        opt.zero_grad(set_to_none=True)
+        loss = torch_peers.semi_hard_triplet_loss(peer(x), y, MARGIN)
+        loss.backward()
+        opt.step()
+
+    return run, torch_peers.num_params(peer), diff
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+def measure_row(row, steps: int, warmup: int, old: bool) -> dict:
+    name, size, width, pooling = row
+    config = row_config(name, size, width, pooling)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (P * K, size, size, 3)).astype(np.float32)
+    labels = np.repeat(np.arange(P, dtype=np.int32), K)
+    with old_layers(old):
+        ours, state = ours_step(config, images, labels)
+        variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+        plain = plain_step(config, images, labels, variables["params"], variables["batch_stats"])
+        peer, n_peer, diff = torch_step(config, images, labels, variables)
+        runs = {"ours": ours, "plain": plain, "torch": peer}
+        compile_s = {}
+        for key, run in runs.items():
+            start = time.perf_counter()
+            for _ in range(warmup):
+                run()
+            compile_s[key] = time.perf_counter() - start
+        load = [os.getloadavg()[0]]
+        times = {key: [] for key in runs}
+        for _ in range(steps):
+            for key, run in runs.items():
+                start = time.perf_counter()
+                run()
+                times[key].append(time.perf_counter() - start)
+        load.append(os.getloadavg()[0])
+    ips = {key: P * K / float(np.median(t)) for key, t in times.items()}
+    return dict(
+        row=row,
+        params=sum(int(np.size(a)) for a in jax.tree.leaves(variables["params"])),
+        peer_params=n_peer,
+        diff=diff,
+        ips=ips,
+        load=load,
+        warmup_s=compile_s,
+    )
+
+
+def print_header() -> None:
+    print(
+        "| model | input | width | pooling | params (ours = PyTorch) | max abs emb diff | "
+        "ours img/s | plain jit img/s | PyTorch img/s | ours / PyTorch | plain / PyTorch | "
+        "load avg |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def print_row(r: dict) -> None:
+    name, size, width, pooling = r["row"]
+    same = "=" if r["params"] == r["peer_params"] else "!="
+    ips = r["ips"]
+    print(
+        f"| {name} | {size}x{size}x3 | {width} | {pooling} | "
+        f"{r['params']:,} {same} {r['peer_params']:,} | {r['diff']:.1e} | "
+        f"{ips['ours']:,.1f} | {ips['plain']:,.1f} | {ips['torch']:,.1f} | "
+        f"{ips['ours'] / ips['torch']:.2f} | {ips['plain'] / ips['torch']:.2f} | "
+        f"{r['load'][0]:.1f} -> {r['load'][1]:.1f} |",
+        flush=True,
+    )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--rows", nargs="+", type=parse_row, default=ROWS, help="model:image_size:width[:pooling]"
+    )
+    parser.add_argument("--steps", type=int, default=5, help="timed rounds (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps each (compiles)")
+    parser.add_argument(
+        "--old-layers", action="store_true", help="nn.Conv / nn.max_pool (before issue 12)"
+    )
+    args = parser.parse_args(argv)
+    import torch
+
+    print(
+        f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), {os.cpu_count()} CPUs, "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, layers: "
+        f"{'nn.Conv / nn.max_pool' if args.old_layers else 'layers.Conv / layers.max_pool'}"
+    )
+    print(f"uptime: {os.popen('uptime').read().strip()}")
+    print_header()
+    for row in args.rows:
+        print_row(measure_row(row, args.steps, args.warmup, args.old_layers))
+    print(f"uptime: {os.popen('uptime').read().strip()}")
+
+
+if __name__ == "__main__":
+    main()
