@@ -57,7 +57,7 @@ def get_config():
     t.loss_weights = (1.0, 0.1)  # CosFace's loss starts ~100x the triplet's (s = 30).
     t.margin_scale = 30.0  # s.
     t.margin_m = 0.35  # CosFace's cosine margin.
-    t.num_steps = 2500  # Estimated 90-minute budget; not yet timed (docs/ablations.md).
+    t.num_steps = 2200  # ~2.1 s a step on the quiet 2 cores: ~80 min of training (docs/results.md).
     t.warmup_steps = 100  # Linear warm-up before the cosine decay.
     t.log_every = 100  # Log every 100 steps.
     t.checkpoint_every = 250  # Checkpoint every 250 steps (a stopped run resumes from here).

@@ -444,7 +444,17 @@ def load_embedder(
             raise FileNotFoundError(f"no checkpoint found in {workdir!r}/checkpoints")
         # The restore target, shapes only: the saved tree (optimiser state included, so no
         # optimiser is built here) with the variables as this config's model has them.
-        saved = manager.item_metadata(step if step in steps else steps[-1]).tree
+        # Damaged metadata in the newest step must not stop the fallback below: read the tree
+        # from the newest step whose metadata reads (the requested one when it exists).
+        saved = None
+        for candidate in [step] if step in steps else steps[::-1]:
+            try:
+                saved = manager.item_metadata(candidate).tree
+                break
+            except Exception as err:  # noqa: BLE001 - any damage means "try an older step"
+                logging.warning("checkpoint step %d: unreadable metadata (%s)", candidate, err)
+        if saved is None:
+            saved = manager.item_metadata(steps[-1]).tree  # raises the error that names it
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(saved))
         target.update(jax.eval_shape(lambda: _init(config, jax.random.key(0))))
         restored, step = checkpoints.restore(manager, target, workdir, step, config=config)

@@ -311,3 +311,16 @@ def test_load_embedder_restores_the_checkpointed_variables(run):
         jax.tree.leaves(untrained.variables["params"]), jax.tree.leaves(init["params"]), strict=True
     ):
         np.testing.assert_array_equal(a, b)
+
+
+def test_load_embedder_falls_back_past_unreadable_newest_metadata(run, tmp_path, caplog):
+    """The newest step's tree metadata deleted: the embedder is the previous intact step."""
+    workdir, _ = run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    os.remove(os.path.join(copy, "checkpoints", "3", "default", "_METADATA"))
+    with caplog.at_level(logging.WARNING):
+        got = inference.load_embedder(copy)
+    want = inference.load_embedder(workdir, 2)
+    assert got.step == 2 and got.fingerprint == want.fingerprint
+    assert any("step 3" in r.getMessage() for r in caplog.records)
