@@ -3,6 +3,7 @@
     python experiments/bench_train_step.py                        # docs/bench_train_step.md
     python experiments/bench_train_step.py --rows small_cnn:64:16 resnet18:112:64 --steps 5
     python experiments/bench_train_step.py --rows small_cnn:64:16 --old-layers  # before issue 12
+    python experiments/bench_train_step.py --rows resnet18:112:64 --breakdown    # where time goes
 
 Each row (``model:image_size:width[:pooling]``, default pooling avg) builds, in this process:
 
@@ -22,7 +23,10 @@ in turn, so a change of machine load hits all three alike; the table reports med
 ours / PyTorch for each. The machine's load average is printed with every row (the ratio measured
 in the same run is what counts on a shared machine). ``--old-layers`` swaps the backbones'
 ``layers.Conv`` / ``layers.max_pool`` for ``nn.Conv`` / ``nn.max_pool`` (the state before
-issue 12). The PyTorch twin needs the ``bench`` extra: ``pip install -e .[bench]``.
+issue 12). ``--breakdown`` times, for ours and PyTorch alike, the forward pass alone (training
+mode: batch statistics), forward + backward (gradient of a fixed linear function of the
+embeddings, no loss, no optimiser) and the whole step, so the table shows which part holds a gap.
+The PyTorch twin needs the ``bench`` extra: ``pip install -e .[bench]``.
 """
 
 from __future__ import annotations
@@ -187,10 +191,60 @@ def torch_step(config, images, labels, variables):
     return run, torch_peers.num_params(peer), diff
 
 
+def breakdown_runs(config, images, variables):
+    """{"fwd", "fwd+bwd"} x {ours, torch}: the network alone, without loss or optimiser."""
+    import torch
+    import torch_peers
+
+    m, size = config.model, config.data.image_size
+    model = models.create_model(m)
+    probe = np.random.default_rng(2).normal(size=(len(images), m.embedding_dim)).astype(np.float32)
+    x, w = jnp.asarray(images), jnp.asarray(probe)
+
+    @jax.jit
+    def fwd(variables, x):
+        return model.apply(variables, x, train=True, mutable=["batch_stats"])[0]
+
+    @jax.jit
+    def fwd_bwd(variables, x):
+        def f(params):
+            emb, _ = model.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+            )
+            return jnp.sum(emb * w)
+
+        return jax.grad(f)(variables["params"])
+
+    variables = jax.device_put(variables)
+    peer = torch_peers.create_peer(m.name, m.width, m.embedding_dim, m.pooling, size)
+    torch_peers.copy_variables(variables, torch_peers.creation_order(model, images.shape[1:]), peer)
+    peer.train()
+    tx = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    tw = torch.from_numpy(probe)
+
+    def torch_fwd():
+        with torch.no_grad():
+            peer(tx)
+
+    def torch_fwd_bwd():
+        peer.zero_grad(set_to_none=True)
+        (peer(tx) * tw).sum().backward()
+
+    return {
+        "ours fwd": lambda: jax.block_until_ready(fwd(variables, x)),
+        "torch fwd": torch_fwd,
+        "ours fwd+bwd": lambda: jax.block_until_ready(fwd_bwd(variables, x)),
+        "torch fwd+bwd": torch_fwd_bwd,
+    }
+
+
 # ----------------------------------------------------------------------------- measurement
 
 
-def measure_row(row, steps: int, warmup: int, old: bool) -> dict:
+def measure_row(row, steps: int, warmup: int, old: bool, breakdown: bool = False) -> dict:
     name, size, width, pooling = row
     config = row_config(name, size, width, pooling)
     rng = np.random.default_rng(0)
@@ -202,6 +256,8 @@ def measure_row(row, steps: int, warmup: int, old: bool) -> dict:
         plain = plain_step(config, images, labels, variables["params"], variables["batch_stats"])
         peer, n_peer, diff = torch_step(config, images, labels, variables)
         runs = {"ours": ours, "plain": plain, "torch": peer}
+        if breakdown:
+            runs.update(breakdown_runs(config, images, variables))
         compile_s = {}
         for key, run in runs.items():
             start = time.perf_counter()
@@ -251,6 +307,25 @@ def print_row(r: dict) -> None:
     )
 
 
+def print_breakdown(results: list[dict]) -> None:
+    """Milliseconds per batch of 128: forward, forward + backward, whole step, each side."""
+    print()
+    print("| model | input | width | part | ours ms | PyTorch ms | ours / PyTorch (speed) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        name, size, width, _ = r["row"]
+        ms = {key: P * K / ips * 1e3 for key, ips in r["ips"].items()}
+        for part, ours, peer in (
+            ("forward (train mode)", "ours fwd", "torch fwd"),
+            ("forward + backward", "ours fwd+bwd", "torch fwd+bwd"),
+            ("whole step (loss, Adam)", "ours", "torch"),
+        ):
+            print(
+                f"| {name} | {size}x{size}x3 | {width} | {part} | {ms[ours]:,.0f} | "
+                f"{ms[peer]:,.0f} | {ms[peer] / ms[ours]:.2f} |"
+            )
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -260,6 +335,9 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps each (compiles)")
     parser.add_argument(
         "--old-layers", action="store_true", help="nn.Conv / nn.max_pool (before issue 12)"
+    )
+    parser.add_argument(
+        "--breakdown", action="store_true", help="also time forward and forward+backward alone"
     )
     args = parser.parse_args(argv)
     import torch
@@ -272,8 +350,12 @@ def main(argv=None) -> None:
     )
     print(f"uptime: {os.popen('uptime').read().strip()}")
     print_header()
+    results = []
     for row in args.rows:
-        print_row(measure_row(row, args.steps, args.warmup, args.old_layers))
+        results.append(measure_row(row, args.steps, args.warmup, args.old_layers, args.breakdown))
+        print_row(results[-1])
+    if args.breakdown:
+        print_breakdown(results)
     print(f"uptime: {os.popen('uptime').read().strip()}")
 
 
