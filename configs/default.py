@@ -47,9 +47,11 @@ def get_config() -> ml_collections.ConfigDict:
     data.images_per_identity = 16  # K (>= 2): images of each identity in each global batch.
     data.sample_with_replacement = True  # Identities with < K images: True resamples, False skips.
     data.min_images_per_identity = 2  # Identities with fewer images are excluded from training.
-    data.augment = ("random_crop",)  # Any of: random_crop, flip, color; () for none.
+    data.augment = ("random_crop",)  # Any of: random_crop, flip, color, affine; () for none.
     # No flip here: a mirrored "37" is another glyph pair, not the same number.
     data.random_crop_padding = 2  # random_crop: pad by this many pixels, crop back to size.
+    data.affine_degrees = 10.0  # affine: rotation about the centre drawn from U(-deg, deg).
+    data.affine_scale = 0.1  # affine: zoom drawn log-uniform from [1 / (1 + s), 1 + s].
     data.num_workers = 0  # Grain worker processes for decoding (0 = in the main process).
     data.prefetch = 2  # Batches prefetched ahead of the train step.
 

@@ -45,15 +45,25 @@ def augment_batch(
     augment: tuple[str, ...],
     *,
     crop_padding: int = 2,
+    affine_degrees: float = 10.0,
+    affine_scale: float = 0.1,
 ) -> np.ndarray:
     """Applies the selected augmentations independently to every image of a batch.
 
     Image i draws its random parameters from ``rngs[i]`` alone, in this order: random_crop's
     shifts dy, dx ~ U{0..2 * crop_padding}, flip ~ Bernoulli(0.5), color's contrast ~ U(0.7, 1.3)
-    then brightness ~ U(-0.2, 0.2) (each only when enabled). An image's augmentation therefore
-    depends on its own generator, not on the batch or process it is loaded in; the reader seeds
-    row r of step s with (seed, s, r).
+    then brightness ~ U(-0.2, 0.2), affine's angle ~ U(-affine_degrees, affine_degrees) then
+    log zoom ~ U(-log(1 + affine_scale), log(1 + affine_scale)) (each only when enabled; a new
+    augmentation draws after the older ones, so adding it leaves their draws unchanged). An
+    image's augmentation therefore depends on its own generator, not on the batch or process it
+    is loaded in; the reader seeds row r of step s with (seed, s, r).
 
+    Applied in this order:
+
+    * affine: rotate by the angle (counter-clockwise, degrees) and zoom about the image centre,
+      ``x' = Z R(angle) (x - c) + c`` with c = ((W - 1) / 2, (H - 1) / 2), bilinear, edge pixels
+      replicated (one ``cv2.warpAffine``); the small in-plane rotations and scale changes that
+      alignment leaves and that strokes drawn by different hands have;
     * random_crop: edge-pad by ``crop_padding`` pixels, cut the [H, W] window at (dy, dx);
     * flip: mirror left-right;
     * color: ``clip((x - mean(x)) * contrast + mean(x) + brightness, -1, 1)``, per-image mean.
@@ -63,6 +73,8 @@ def augment_batch(
       rngs: B generators, one per image.
       augment: subset of ``spec.AUGMENTATIONS``.
       crop_padding: random_crop pads each side by this many pixels (edge values) and crops back.
+      affine_degrees: affine's largest rotation, degrees.
+      affine_scale: affine's largest zoom: factors in [1 / (1 + s), 1 + s], log-uniform.
 
     Returns:
       [B, H, W, C] float32 in [-1, 1].
@@ -74,6 +86,8 @@ def augment_batch(
     crop = "random_crop" in augment and crop_padding > 0
     shift, flip = np.zeros((b, 2), np.int64), np.zeros(b, bool)
     scale = np.ones((b, 2), np.float32)  # (contrast, brightness) per image
+    warp = np.zeros((b, 2))  # (angle in degrees, log zoom) per image
+    log_zoom = np.log1p(affine_scale)
     for i, rng in enumerate(rngs):
         if crop:
             shift[i] = rng.integers(0, 2 * crop_padding + 1), rng.integers(0, 2 * crop_padding + 1)
@@ -81,6 +95,10 @@ def augment_batch(
             flip[i] = rng.random() < 0.5
         if "color" in augment:
             scale[i] = rng.uniform(0.7, 1.3), rng.uniform(-0.2, 0.2)
+        if "affine" in augment:
+            warp[i] = rng.uniform(-affine_degrees, affine_degrees), rng.uniform(-log_zoom, log_zoom)
+    if "affine" in augment:
+        out = _affine(out, warp)
     if crop:
         pad = crop_padding
         padded = np.pad(out, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
@@ -92,6 +110,23 @@ def augment_batch(
         contrast, brightness = scale[:, 0, None, None, None], scale[:, 1, None, None, None]
         mean = out.mean(axis=(1, 2, 3), keepdims=True)
         out = np.clip((out - mean) * contrast + mean + brightness, -1.0, 1.0)
+    return out
+
+
+def _affine(images: np.ndarray, warp: np.ndarray) -> np.ndarray:
+    """[B, H, W, C] images, each rotated by warp[i, 0] degrees and zoomed by exp(warp[i, 1])
+    about its centre ((W - 1) / 2, (H - 1) / 2); bilinear, edges replicated."""
+    import cv2
+
+    _, h, w, c = images.shape
+    centre = ((w - 1) / 2.0, (h - 1) / 2.0)
+    out = np.empty_like(images)
+    for i, (angle, log_zoom) in enumerate(warp):
+        matrix = cv2.getRotationMatrix2D(centre, float(angle), float(np.exp(log_zoom)))
+        warped = cv2.warpAffine(
+            images[i], matrix, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        )
+        out[i] = warped.reshape(h, w, c)
     return out
 
 

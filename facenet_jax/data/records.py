@@ -112,7 +112,12 @@ class _TrainBatch:
             rows = range(self.rows.start, self.rows.stop)
             rngs = [np.random.default_rng([self.seed, step, r, 1]) for r in rows]
             images = preprocessing.augment_batch(
-                images, rngs, self.spec.augment, crop_padding=self.spec.random_crop_padding
+                images,
+                rngs,
+                self.spec.augment,
+                crop_padding=self.spec.random_crop_padding,
+                affine_degrees=self.spec.affine_degrees,
+                affine_scale=self.spec.affine_scale,
             )
         return {"image": images, "label": self.labels[idx].astype(np.int32)}
 

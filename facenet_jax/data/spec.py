@@ -28,7 +28,7 @@ from typing import Any
 from facenet_jax.data import alignment, face_detection
 
 CROPS = ("none", "center", "detect", "align")  # config.data.crop; see preprocessing.crop_box.
-AUGMENTATIONS = ("random_crop", "flip", "color")  # config.data.augment; see preprocessing.
+AUGMENTATIONS = ("random_crop", "flip", "color", "affine")  # config.data.augment.
 SPLIT_BY = ("identity", "image")  # config.data.split_by; see splits.split_indices.
 
 
@@ -65,6 +65,8 @@ class DataSpec:
     min_images_per_identity: int
     augment: tuple[str, ...]
     random_crop_padding: int
+    affine_degrees: float
+    affine_scale: float
     num_workers: int
     prefetch: int
 
@@ -89,6 +91,8 @@ class DataSpec:
             "must be >= 0 with a sum < 1",
             fractions,
         )
+        _check(self.affine_degrees >= 0, "affine_degrees", "must be >= 0", self.affine_degrees)
+        _check(self.affine_scale >= 0, "affine_scale", "must be >= 0", self.affine_scale)
         _check(self.image_size >= 1, "image_size", "must be >= 1", self.image_size)
         _check(self.channels in (1, 3), "channels", "must be 1 (grey) or 3 (RGB)", self.channels)
         _check(self.crop in CROPS, "crop", f"unknown crop; allowed: {list(CROPS)}", self.crop)

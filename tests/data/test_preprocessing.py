@@ -279,3 +279,74 @@ def test_random_crop_is_a_shift_of_the_padded_image():
         padded = np.pad(i, ((2, 2), (2, 2), (0, 0)), mode="edge")
         shifts = [padded[dy : dy + 6, dx : dx + 6] for dy in range(5) for dx in range(5)]
         assert any(np.array_equal(o, s) for s in shifts)
+
+
+def _affine_reference(image, angle, zoom):
+    """Slow obvious reference: output pixel (x', y') takes the bilinear sample of the input at
+    c + R(-angle) (p' - c) / zoom (edges replicated), R counter-clockwise on the display."""
+    h, w, c = image.shape
+    cx, cy = (w - 1) / 2, (h - 1) / 2
+    t = np.deg2rad(angle)
+    out = np.empty_like(image)
+    for yo in range(h):
+        for xo in range(w):
+            dx, dy = (xo - cx) / zoom, (yo - cy) / zoom
+            # Forward map (display counter-clockwise, y down): x' = cos dx + sin dy,
+            # y' = -sin dx + cos dy; its inverse:
+            x = cx + np.cos(t) * dx - np.sin(t) * dy
+            y = cy + np.sin(t) * dx + np.cos(t) * dy
+            x, y = min(max(x, 0), w - 1), min(max(y, 0), h - 1)
+            x0, y0 = min(int(x), w - 2), min(int(y), h - 2)
+            fx, fy = x - x0, y - y0
+            out[yo, xo] = (
+                image[y0, x0] * (1 - fx) * (1 - fy)
+                + image[y0, x0 + 1] * fx * (1 - fy)
+                + image[y0 + 1, x0] * (1 - fx) * fy
+                + image[y0 + 1, x0 + 1] * fx * fy
+            )
+    return out
+
+
+def test_affine_matches_the_reference_rotation_and_zoom():
+    """Each image is rotated and zoomed about its centre by its own draws (smooth images, so
+    OpenCV's 1/32-pixel coordinate rounding stays small)."""
+    yy, xx = np.mgrid[0:12, 0:10].astype(np.float32)
+    x = np.stack([np.sin(0.3 * xx + k) * np.cos(0.25 * yy) for k in range(4)])[..., None]
+    out = preprocessing.augment_batch(
+        x, _rngs(3, 4), ("affine",), affine_degrees=30, affine_scale=0.2
+    )
+    for i, rng in enumerate(_rngs(3, 4)):
+        angle, log_zoom = rng.uniform(-30, 30), rng.uniform(-np.log(1.2), np.log(1.2))
+        want = _affine_reference(x[i], angle, np.exp(log_zoom))
+        np.testing.assert_allclose(out[i], want, atol=0.02)
+    assert out.shape == x.shape and out.dtype == np.float32
+
+
+def test_affine_quarter_turn_moves_a_point_up():
+    """90 degrees: the pixel right of the centre goes above it (counter-clockwise on display)."""
+    x = np.zeros((1, 9, 9, 1), np.float32)
+    x[0, 4, 6] = 1.0  # row 4 (centre), column 6: two pixels right of the centre
+
+    class Fixed:  # A generator whose draws are the given values.
+        def __init__(self, *values):
+            self.values = list(values)
+
+        def uniform(self, lo, hi):
+            return self.values.pop(0)
+
+    out = preprocessing.augment_batch(x, [Fixed(90.0, 0.0)], ("affine",))
+    assert out[0, 2, 4, 0] == pytest.approx(1.0, abs=1e-3) and out.sum() == pytest.approx(1.0)
+
+
+def test_adding_affine_leaves_the_older_draws_unchanged():
+    """affine draws after random_crop, flip and color: with a zero range it is the identity, so
+    the batch equals the one without it (old runs' augmentation is unchanged)."""
+    x = np.random.default_rng(0).uniform(-1, 1, (6, 8, 8, 3)).astype(np.float32)
+    old = ("random_crop", "flip", "color")
+    want = preprocessing.augment_batch(x, _rngs(4, 6), old)
+    got = preprocessing.augment_batch(
+        x, _rngs(4, 6), (*old, "affine"), affine_degrees=0.0, affine_scale=0.0
+    )
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    moved = preprocessing.augment_batch(x, _rngs(4, 6), (*old, "affine"))
+    assert not np.allclose(moved, want, atol=1e-3)

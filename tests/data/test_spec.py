@@ -79,6 +79,8 @@ def test_missing_and_unknown_fields_are_named():
         ("images_per_identity", 1, "config.data.images_per_identity"),
         ("sample_with_replacement", 1, "config.data.sample_with_replacement: must be bool"),
         ("num_workers", -1, "config.data.num_workers"),
+        ("affine_degrees", -1.0, "config.data.affine_degrees: must be >= 0"),
+        ("affine_scale", -0.1, "config.data.affine_scale: must be >= 0"),
     ],
 )
 def test_invalid_values_are_named(field, value, match):
@@ -91,7 +93,7 @@ def test_invalid_values_are_named(field, value, match):
 
 
 def test_allowed_names_are_the_tables():
-    assert set(AUGMENTATIONS) == {"random_crop", "flip", "color"}
+    assert set(AUGMENTATIONS) == {"random_crop", "flip", "color", "affine"}
     spec = DataSpec.from_config(default.get_config().data)
     for name in face_detection.DETECTORS:
         assert dataclasses.replace(spec, detector=name).detector == name
