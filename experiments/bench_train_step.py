@@ -4,6 +4,7 @@
     python experiments/bench_train_step.py --rows small_cnn:64:16 resnet18:112:64 --steps 5
     python experiments/bench_train_step.py --rows small_cnn:64:16 --old-layers  # before issue 12
     python experiments/bench_train_step.py --rows resnet18:112:64 --breakdown    # where time goes
+    python experiments/bench_train_step.py --ops                                 # per-op timings
 
 Each row (``model:image_size:width[:pooling]``, default pooling avg) builds, in this process:
 
@@ -26,7 +27,11 @@ in the same run is what counts on a shared machine). ``--old-layers`` swaps the 
 issue 12). ``--breakdown`` times, for ours and PyTorch alike, the forward pass alone (training
 mode: batch statistics), forward + backward (gradient of a fixed linear function of the
 embeddings, no loss, no optimiser) and the whole step, so the table shows which part holds a gap.
-The PyTorch twin needs the ``bench`` extra: ``pip install -e .[bench]``.
+``--ops`` times single operations at shapes of the 64x64 small CNN (batch 128): a 3x3
+convolution's forward pass, its input gradient and its kernel gradient (XLA's backward-filter
+convolution, ``nn.Conv``'s, next to ``layers.conv_kernel_grad``'s matrix products), and the 2x2
+max-pool gradient (``select_and_scatter`` next to ``layers.max_pool``'s mask), each with PyTorch's
+same op. The PyTorch twin needs the ``bench`` extra: ``pip install -e .[bench]``.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
 
 from configs import default  # noqa: E402
 from facenet_jax import losses, models, parallel, train  # noqa: E402
@@ -241,6 +247,103 @@ def breakdown_runs(config, images, variables):
     }
 
 
+# (batch, side, in channels, out channels): the 3x3 convolutions of small_cnn width 16 at 64x64.
+OP_SHAPES = [(128, 64, 16, 16), (128, 32, 32, 32), (128, 16, 64, 64)]
+
+
+def op_runs(shape) -> dict:
+    """{op name: (ours, torch)}: zero-argument callables that run the op once, synchronously."""
+    import torch
+
+    from facenet_jax.models import layers
+
+    b, side, cin, cout = shape
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(b, side, side, cin)).astype(np.float32))
+    k = jnp.asarray(rng.normal(size=(3, 3, cin, cout)).astype(np.float32) * 0.1)
+    g = jnp.asarray(rng.normal(size=(b, side, side, cout)).astype(np.float32))
+    pads, one = ((1, 1), (1, 1)), (1, 1)
+    dn = ("NHWC", "HWIO", "NHWC")
+
+    def xla_conv(x, k):
+        return lax.conv_general_dilated(x, k, one, pads, dimension_numbers=dn)
+
+    fwd = jax.jit(xla_conv)
+    dx = jax.jit(lambda x, k, g: jax.vjp(lambda x: xla_conv(x, k), x)[1](g)[0])
+    dk_xla = jax.jit(lambda x, k, g: jax.vjp(lambda k: xla_conv(x, k), k)[1](g)[0])
+    dk_ours = jax.jit(lambda x, g: layers.conv_kernel_grad(x, g, (3, 3, cin, cout), one, pads))
+    gp = g[:, ::2, ::2]
+    pool_xla = jax.jit(lambda x, g: jax.vjp(lambda x: nn.max_pool(x, (2, 2), (2, 2)), x)[1](g)[0])
+    pool_ours = jax.jit(
+        lambda x, g: jax.vjp(lambda x: layers.max_pool(x, (2, 2), (2, 2)), x)[1](g)[0]
+    )
+    tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+    tk = torch.from_numpy(np.asarray(k).transpose(3, 2, 0, 1).copy())
+    tg = torch.from_numpy(np.asarray(g).transpose(0, 3, 1, 2).copy())
+    tgx = torch.from_numpy(np.asarray(g)[..., :cin].transpose(0, 3, 1, 2).copy())
+    tgp = tgx[:, :, ::2, ::2].contiguous()
+    grad = torch.nn.grad
+
+    def torch_pool_grad():
+        xr = tx.clone().requires_grad_(True)
+        torch.nn.functional.max_pool2d(xr, 2, 2).backward(tgp)
+
+    def ready(f, *a):
+        return lambda: jax.block_until_ready(f(*a))
+
+    with torch.no_grad():
+        return {
+            "conv forward": (
+                ready(fwd, x, k),
+                lambda: torch.nn.functional.conv2d(tx, tk, None, 1, 1),
+            ),
+            "conv input gradient": (
+                ready(dx, x, k, g),
+                lambda: grad.conv2d_input(tx.shape, tk, tg, 1, 1),
+            ),
+            "conv kernel gradient, XLA backward-filter (nn.Conv)": (
+                ready(dk_xla, x, k, g),
+                lambda: grad.conv2d_weight(tx, tk.shape, tg, 1, 1),
+            ),
+            "conv kernel gradient, matrix products (layers.Conv)": (
+                ready(dk_ours, x, g),
+                lambda: grad.conv2d_weight(tx, tk.shape, tg, 1, 1),
+            ),
+            "2x2 max-pool gradient, select_and_scatter (nn.max_pool)": (
+                ready(pool_xla, x, g[:, ::2, ::2, :cin]),
+                torch_pool_grad,
+            ),
+            "2x2 max-pool gradient, first-maximum mask (layers.max_pool)": (
+                ready(pool_ours, x, gp[..., :cin]),
+                torch_pool_grad,
+            ),
+        }
+
+
+def measure_ops(steps: int, warmup: int) -> None:
+    """Prints a table of median milliseconds per op, ours next to PyTorch's, interleaved."""
+    print()
+    print("| op | input [B, H, W, C] -> C_out | ours ms | PyTorch ms | PyTorch / ours (speed) |")
+    print("|---|---|---|---|---|")
+    for shape in OP_SHAPES:
+        for name, (ours, peer) in op_runs(shape).items():
+            for _ in range(warmup):
+                ours(), peer()
+            times = {"ours": [], "torch": []}
+            for _ in range(steps):
+                for key, run in (("ours", ours), ("torch", peer)):
+                    start = time.perf_counter()
+                    run()
+                    times[key].append(time.perf_counter() - start)
+            ms = {key: 1e3 * float(np.median(t)) for key, t in times.items()}
+            b, side, cin, cout = shape
+            print(
+                f"| {name} | [{b}, {side}, {side}, {cin}] -> {cout} | {ms['ours']:.1f} | "
+                f"{ms['torch']:.1f} | {ms['torch'] / ms['ours']:.2f} |",
+                flush=True,
+            )
+
+
 # ----------------------------------------------------------------------------- measurement
 
 
@@ -339,6 +442,7 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--breakdown", action="store_true", help="also time forward and forward+backward alone"
     )
+    parser.add_argument("--ops", action="store_true", help="only the per-op table (OP_SHAPES)")
     args = parser.parse_args(argv)
     import torch
 
@@ -349,6 +453,10 @@ def main(argv=None) -> None:
         f"{'nn.Conv / nn.max_pool' if args.old_layers else 'layers.Conv / layers.max_pool'}"
     )
     print(f"uptime: {os.popen('uptime').read().strip()}")
+    if args.ops:
+        measure_ops(max(args.steps, 10), args.warmup)
+        print(f"uptime: {os.popen('uptime').read().strip()}")
+        return
     print_header()
     results = []
     for row in args.rows:
