@@ -20,11 +20,13 @@ Each row (``model:image_size:width[:pooling]``, default pooling avg) builds, in 
 
 Batch 128 = P 16 x K 8 random images in [-1, 1], the same for all; ``--warmup`` untimed steps
 each (compilation included there), then ``--steps`` rounds in which the three run one step each,
-in turn, so a change of machine load hits all three alike; the table reports median images/s and
-ours / PyTorch for each. The machine's load average is printed with every row (the ratio measured
-in the same run is what counts on a shared machine). ``--old-layers`` swaps the backbones'
-``layers.Conv`` / ``layers.max_pool`` for ``nn.Conv`` / ``nn.max_pool`` (the state before
-issue 12). ``--breakdown`` times, for ours and PyTorch alike, the forward pass alone (training
+in turn (after a 0.3 s pause each, ``COOLDOWN_S``, so that neither runtime's idle-spinning
+threads slow the other), so a change of machine load hits all three alike; the table reports
+median images/s and ours / PyTorch for each. The machine's load average is printed with every
+row (the ratio measured in the same run is what counts on a shared machine).
+``--old-layers`` swaps the backbones' ``layers.Conv`` / ``layers.max_pool`` for ``nn.Conv`` /
+``nn.max_pool`` (the state before issue 12).
+``--breakdown`` times, for ours and PyTorch alike, the forward pass alone (training
 mode: batch statistics), forward + backward (gradient of a fixed linear function of the
 embeddings, no loss, no optimiser) and the whole step, so the table shows which part holds a gap.
 ``--ops`` times single operations at shapes of the 64x64 small CNN (batch 128): a 3x3
@@ -71,6 +73,11 @@ ROWS = [
     ("inception_resnet_v1", 160, 32, "avg"),
 ]
 P, K = 16, 8  # batch 128 = 16 identities x 8 images
+# Pause before every timed call. Both runtimes keep their worker threads spinning for a while
+# after a parallel region (PyTorch's OpenMP pool, XLA's Eigen pool); without the pause the op
+# timed next shares the 2 cores with the other runtime's spinning threads (measured here: an XLA
+# kernel gradient of 13 ms alone took 102 ms right after a PyTorch call).
+COOLDOWN_S = 0.3
 MARGIN, LEARNING_RATE = 0.2, 1e-3
 
 
@@ -332,6 +339,7 @@ def measure_ops(steps: int, warmup: int) -> None:
             times = {"ours": [], "torch": []}
             for _ in range(steps):
                 for key, run in (("ours", ours), ("torch", peer)):
+                    time.sleep(COOLDOWN_S)
                     start = time.perf_counter()
                     run()
                     times[key].append(time.perf_counter() - start)
@@ -371,6 +379,7 @@ def measure_row(row, steps: int, warmup: int, old: bool, breakdown: bool = False
         times = {key: [] for key in runs}
         for _ in range(steps):
             for key, run in runs.items():
+                time.sleep(COOLDOWN_S)
                 start = time.perf_counter()
                 run()
                 times[key].append(time.perf_counter() - start)

@@ -11,11 +11,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PY=${PY:-/work/venv/bin/python}
-DATA=${DATA:-/work/shared/data}
-BFW_RUN=${BFW_RUN:-/work/runs/bfw32}
-OMNI_RUN=${OMNI_RUN:-/work/runs/omniglot}
-OUT=${OUT:-/work/runs/results}
+# Paths are relative to the repository root (the script runs there); override any of them.
+PY=${PY:-python}
+DATA=${DATA:-../shared/data}
+BFW_RUN=${BFW_RUN:-workdirs/bfw}
+OMNI_RUN=${OMNI_RUN:-workdirs/omniglot}
+OUT=${OUT:-workdirs/results}
 CLI=("$PY" -m facenet_jax.cli)
 if (($#)); then SECTIONS=("$@"); else SECTIONS=(setup bfw bfw_all yale orl omniglot omniglot_within); fi
 
@@ -80,6 +81,9 @@ for split in ("test", "train"):
         print(f"{tree}: {len(ids)} identities", file=sys.stderr)
 
 for run in (bfw_run, omni_run):
+    if not os.path.exists(os.path.join(run, "config.json")):
+        print(f"{run}: no run there, no untrained baseline", file=sys.stderr)
+        continue
     config = checkpoints.load_config(run)
     workdir = os.path.join(out, "untrained", os.path.basename(os.path.normpath(run)))
     shutil.rmtree(workdir, ignore_errors=True)
