@@ -73,10 +73,9 @@ ROWS = [
     ("inception_resnet_v1", 160, 32, "avg"),
 ]
 P, K = 16, 8  # batch 128 = 16 identities x 8 images
-# Pause before every timed call. Both runtimes keep their worker threads spinning for a while
-# after a parallel region (PyTorch's OpenMP pool, XLA's Eigen pool); without the pause the op
-# timed next shares the 2 cores with the other runtime's spinning threads (measured here: an XLA
-# kernel gradient of 13 ms alone took 102 ms right after a PyTorch call).
+# Pause before every timed call, a precaution: both runtimes keep worker threads spinning for a
+# while after a parallel region (PyTorch's OpenMP pool, XLA's Eigen pool), and the op timed next
+# should not share the 2 cores with them.
 COOLDOWN_S = 0.3
 MARGIN, LEARNING_RATE = 0.2, 1e-3
 
