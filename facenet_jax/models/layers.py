@@ -91,36 +91,71 @@ def _conv(x: jax.Array, kernel: jax.Array, strides: tuple, pads: tuple, groups: 
     )
 
 
+# Bytes of one kernel row's patches per chunk of images: small enough to stay in the CPU's
+# cache between being written and being read by the matrix product (measured best at 1-3 MB on
+# the project's CPU, docs/bench_train_step.md).
+KERNEL_GRAD_CHUNK_BYTES = 3 << 20
+
+
+def _images_per_chunk(batch: int, image_bytes: int, chunk_bytes: int) -> int:
+    """The largest divisor n of ``batch`` with n * image_bytes <= chunk_bytes (at least 1)."""
+    fits = max(1, chunk_bytes // max(1, image_bytes))
+    return max(n for n in range(1, batch + 1) if batch % n == 0 and n <= fits)
+
+
 def conv_kernel_grad(
-    x: jax.Array, g: jax.Array, kernel_shape: tuple, strides: tuple, pads: tuple
+    x: jax.Array,
+    g: jax.Array,
+    kernel_shape: tuple,
+    strides: tuple,
+    pads: tuple,
+    chunk_bytes: int | None = None,
 ) -> jax.Array:
-    """dL/dW of y = conv(x, W) (stride s, padding ``pads``, one group) as KH matrix products.
+    """dL/dW of y = conv(x, W) (stride s, padding ``pads``, one group) as matrix products.
 
     With xp = x zero-padded, y[b,p,q,o] = sum_{i,j,c} xp[b, s p + i, s q + j, c] W[i,j,c,o], so
 
         dW[i,j,c,o] = sum_{b,p,q} xp[b, s p + i, s q + j, c] g[b,p,q,o].
 
     For each kernel row i the patches P_i[(b,p,q), (j,c)] = xp[b, s p + i, s q + j, c]
-    ([N, KW C], N = B OH OW) are gathered and dW[i]^T = g^T P_i ([O, N] @ [N, KW C]): products
-    with a long contraction that the CPU's matmul kernels run near their peak, and patches KW
-    (not KH KW) times the size of x.
+    ([N, KW C], N = B OH OW) are gathered and dW[i]^T = g^T P_i ([O, N] @ [N, KW C]). The batch
+    is cut into chunks of n images (a ``lax.scan``, dW summed over chunks in float32) so that a
+    chunk's patches (n OH OW KW C elements, at most ``chunk_bytes``) are still in cache when
+    the product reads them: writing all of P_i to memory and reading it back cost 2-3x the
+    products themselves (docs/bench_train_step.md, section 1).
 
     Args:
       x: [B, H, W, C] input; g: [B, OH, OW, O] gradient of y; kernel_shape: (KH, KW, C, O).
+      chunk_bytes: patch bytes per chunk; default ``KERNEL_GRAD_CHUNK_BYTES``.
     Returns:
       [KH, KW, C, O] in x's dtype, accumulated in float32.
     """
     kh, kw, c, o = kernel_shape
-    out_hw = g.shape[1:3]
+    batch, out_hw = x.shape[0], g.shape[1:3]
     xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-    gt = g.reshape(-1, o).T
-    rows = []
-    for i in range(kh):
-        taps = [_tap(xp, i, j, strides, out_hw) for j in range(kw)]
-        patches = taps[0] if kw == 1 else jnp.concatenate(taps, axis=-1)
-        row = jnp.matmul(gt, patches.reshape(-1, kw * c), preferred_element_type=jnp.float32)
-        rows.append(row.reshape(o, kw, c))
-    return jnp.stack(rows).transpose(0, 2, 3, 1).astype(x.dtype)
+
+    def rows(xc: jax.Array, gc: jax.Array) -> jax.Array:  # [KH, O, KW C], float32
+        gt = gc.reshape(-1, o).T
+        out = []
+        for i in range(kh):
+            taps = [_tap(xc, i, j, strides, out_hw) for j in range(kw)]
+            patches = taps[0] if kw == 1 else jnp.concatenate(taps, axis=-1)
+            out.append(
+                jnp.matmul(gt, patches.reshape(-1, kw * c), preferred_element_type=jnp.float32)
+            )
+        return jnp.stack(out)
+
+    copies = kh * kw > 1 or strides != (1, 1) or any(p != (0, 0) for p in pads)
+    image_bytes = out_hw[0] * out_hw[1] * kw * c * x.dtype.itemsize
+    limit = KERNEL_GRAD_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    n = _images_per_chunk(batch, image_bytes, limit) if copies else batch
+    if n == batch:
+        dw = rows(xp, g)
+    else:
+        chunks = (xp.reshape(batch // n, n, *xp.shape[1:]), g.reshape(batch // n, n, *out_hw, o))
+        init = jnp.zeros((kh, o, kw * c), jnp.float32)
+        dw, _ = lax.scan(lambda acc, xg: (acc + rows(*xg), None), init, chunks)
+    return dw.reshape(kh, o, kw, c).transpose(0, 2, 3, 1).astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

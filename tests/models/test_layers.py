@@ -66,19 +66,30 @@ def _kernel_grad_reference(x, g, kernel_hw, strides, pads):
         ((1, 3), (2, 1), ((0, 0), (2, 0))),
     ],
 )
-def test_conv_kernel_grad_matches_loops(kernel_hw, strides, pads):
+@pytest.mark.parametrize("chunk_bytes", [None, 1, 1500])
+def test_conv_kernel_grad_matches_loops(kernel_hw, strides, pads, chunk_bytes):
+    # chunk_bytes 1: one image per chunk (a 6-step scan); 1500: the largest divisor of 6 whose
+    # patches fit (1, 2 or 3 images, by kernel); None: the default, one chunk at this size.
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(2, 12, 10, 3)).astype(np.float32)
+    x = rng.normal(size=(6, 12, 10, 3)).astype(np.float32)
     hp, wp = 12 + sum(pads[0]), 10 + sum(pads[1])
     out_hw = ((hp - kernel_hw[0]) // strides[0] + 1, (wp - kernel_hw[1]) // strides[1] + 1)
-    g = rng.normal(size=(2, *out_hw, 5)).astype(np.float32)
+    g = rng.normal(size=(6, *out_hw, 5)).astype(np.float32)
     fast = layers.conv_kernel_grad(
-        jnp.asarray(x), jnp.asarray(g), (*kernel_hw, 3, 5), strides, pads
+        jnp.asarray(x), jnp.asarray(g), (*kernel_hw, 3, 5), strides, pads, chunk_bytes
     )
     assert fast.shape == (*kernel_hw, 3, 5) and fast.dtype == jnp.float32
     np.testing.assert_allclose(
         fast, _kernel_grad_reference(x, g, kernel_hw, strides, pads), rtol=1e-5, atol=1e-5
     )
+
+
+@pytest.mark.parametrize(
+    "batch,image_bytes,chunk_bytes,expected",
+    [(128, 393_216, 3 << 20, 8), (128, 4 << 20, 3 << 20, 1), (6, 500, 1500, 3), (7, 10, 50, 1)],
+)
+def test_images_per_chunk_is_the_largest_fitting_divisor(batch, image_bytes, chunk_bytes, expected):
+    assert layers._images_per_chunk(batch, image_bytes, chunk_bytes) == expected
 
 
 def test_conv_bfloat16_gradients_close_to_nn_conv():
