@@ -179,9 +179,85 @@ def _conv2d_bwd(strides, pads, residuals, g):
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
+def _out_hw(in_hw: Sequence[int], window: tuple, strides: tuple, pads: tuple) -> tuple:
+    return tuple(
+        (n + lo + hi - k) // st + 1
+        for n, k, st, (lo, hi) in zip(in_hw, window, strides, pads, strict=True)
+    )
+
+
+def _depthwise_taps(xp: jax.Array, kernel: jax.Array, strides: tuple, out_hw: tuple) -> jax.Array:
+    """sum_{i,j} xp[:, s p + i, s q + j, :] * kernel[i, j, 0, :], accumulated in float32."""
+    kh, kw = kernel.shape[:2]
+    y = jnp.zeros((xp.shape[0], *out_hw, xp.shape[-1]), jnp.float32)
+    for i in range(kh):
+        for j in range(kw):
+            y = y + _tap(xp, i, j, strides, out_hw).astype(jnp.float32) * kernel[i, j, 0]
+    return y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def depthwise_conv2d(x: jax.Array, kernel: jax.Array, strides: tuple, pads: tuple) -> jax.Array:
+    """Depthwise convolution (one filter per channel, ``feature_group_count = C``) as taps.
+
+        y[b,p,q,c] = sum_{i,j} xp[b, s p + i, s q + j, c] W[i,j,0,c]
+
+    with xp = x zero-padded by ``pads``. Shapes: x [B, H, W, C], kernel [KH, KW, 1, C] ->
+    [B, OH, OW, C]. The KH KW shifted products fuse into one loop; XLA:CPU's grouped convolution
+    (forward and both gradients) is 5-13x slower than this at MobileFaceNet's shapes
+    (docs/bench_train_step.md). Gradients, also tap sums (float32 accumulation):
+
+        dx  = crop(sum_{i,j} gd[:, h + KH-1-i, w + KW-1-j] W[i,j,0])   (gd: g dilated by s,
+                                                                        padded by KH-1, KW-1)
+        dW[i,j,0,c] = sum_{b,p,q} xp[b, s p + i, s q + j, c] g[b,p,q,c]
+    """
+    out_hw = _out_hw(x.shape[1:3], kernel.shape[:2], strides, pads)
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    return _depthwise_taps(xp, kernel.astype(jnp.float32), strides, out_hw).astype(x.dtype)
+
+
+def _depthwise_fwd(x, kernel, strides, pads):
+    return depthwise_conv2d(x, kernel, strides, pads), (x, kernel)
+
+
+def _depthwise_bwd(strides, pads, residuals, g):
+    x, kernel = residuals
+    kh, kw = kernel.shape[:2]
+    (h, w), out_hw = x.shape[1:3], g.shape[1:3]
+    (plh, phh), (plw, phw) = pads
+    hp, wp = h + plh + phh, w + plw + phw
+    # Dilate g by the stride and pad it so that a stride-1 correlation with the flipped kernel
+    # gives the gradient of the padded input, [B, hp, wp, C]; rows/columns of xp that no window
+    # reached (hp - s (OH - 1) - KH of them at the end) get zeros from the high padding.
+    cfg = (
+        (0, 0, 0),
+        (kh - 1, hp - strides[0] * (out_hw[0] - 1) - 1, strides[0] - 1),
+        (kw - 1, wp - strides[1] * (out_hw[1] - 1) - 1, strides[1] - 1),
+        (0, 0, 0),
+    )
+    gd = lax.pad(g, jnp.zeros((), g.dtype), cfg)
+    flipped = kernel[::-1, ::-1].astype(jnp.float32)
+    dxp = _depthwise_taps(gd, flipped, (1, 1), (hp, wp))
+    dx = dxp[:, plh : plh + h, plw : plw + w].astype(x.dtype)
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    g32 = g.astype(jnp.float32)
+    dw = [
+        [
+            jnp.sum(_tap(xp, i, j, strides, out_hw).astype(jnp.float32) * g32, (0, 1, 2))
+            for j in range(kw)
+        ]
+        for i in range(kh)
+    ]
+    return dx, jnp.asarray(dw)[:, :, None, :].astype(kernel.dtype)
+
+
+depthwise_conv2d.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
 class Conv(nn.Module):
     """2-D convolution with ``nn.Conv``'s parameters (``kernel`` [KH, KW, C/groups, F], optional
-    ``bias`` [F]), initialisers and forward pass; one group uses ``conv2d``'s fast gradient.
+    ``bias`` [F]), initialisers and forward pass; one group uses ``conv2d``'s fast gradient,
+    depthwise (groups = C = F) ``depthwise_conv2d``, other groupings ``lax`` as ``nn.Conv``.
 
     Shapes: [B, H, W, C] -> [B, H', W', F]. Drop-in for the ``nn.Conv`` arguments the backbones
     use; old checkpoints load because the parameter tree is the same (the class is also named
@@ -217,6 +293,8 @@ class Conv(nn.Module):
         pads = _pairs(self.padding, x.shape[1:3], kernel_hw, strides)
         if groups == 1:
             y = conv2d(x, kernel, strides, pads)
+        elif groups == x.shape[-1] == self.features:
+            y = depthwise_conv2d(x, kernel, strides, pads)
         else:
             y = _conv(x, kernel, strides, pads, groups)
         return y if bias is None else y + bias

@@ -16,8 +16,12 @@ CONVS = [
     (8, 6, 5, (1, 1), 2, "SAME", False, 1),
     (9, 4, 4, (3, 3), 2, "VALID", True, 1),
     (6, 3, 4, (2, 3), 1, ((1, 0), (0, 2)), False, 1),
-    (7, 6, 6, (3, 3), 1, 1, False, 6),  # depthwise: lax's own gradient
-    (5, 4, 8, (5, 5), 1, "VALID", False, 4),  # a GDConv-like kernel as large as the map
+    (7, 6, 6, (3, 3), 1, 1, False, 6),  # depthwise: depthwise_conv2d
+    (8, 5, 5, (3, 3), 2, "SAME", True, 5),  # depthwise, stride 2 (MobileFaceNet's down-sampling)
+    (9, 4, 4, (3, 3), 2, "VALID", False, 4),  # depthwise, stride 2, rows no window reaches
+    (6, 3, 3, (2, 3), 1, ((1, 0), (0, 2)), False, 3),  # depthwise, asymmetric padding
+    (4, 6, 6, (4, 4), 1, "VALID", False, 6),  # depthwise GDConv: kernel as large as the map
+    (5, 4, 8, (5, 5), 1, "VALID", False, 4),  # 2 filters per group: lax's own gradient
 ]
 
 
@@ -36,8 +40,10 @@ def test_conv_matches_nn_conv(h, c, f, kernel, stride, padding, bias, groups):
     assert jax.tree.structure(v_ref) == jax.tree.structure(v_new)
     for a, b in zip(jax.tree.leaves(v_ref), jax.tree.leaves(v_new), strict=True):
         np.testing.assert_array_equal(a, b)
-    # Same forward pass, bit for bit.
-    np.testing.assert_array_equal(ref.apply(v_ref, x), new.apply(v_ref, x))
+    if groups == c == f:  # Depthwise: tap sums, another float32 summation order.
+        np.testing.assert_allclose(ref.apply(v_ref, x), new.apply(v_ref, x), rtol=1e-5, atol=1e-6)
+    else:  # Same forward pass, bit for bit.
+        np.testing.assert_array_equal(ref.apply(v_ref, x), new.apply(v_ref, x))
     # Same gradients (w.r.t. parameters and input) up to float32 summation order.
     g_ref = jax.grad(_loss(ref), argnums=(0, 1))(v_ref, x)
     g_new = jax.jit(jax.grad(_loss(new), argnums=(0, 1)))(v_ref, x)
@@ -102,6 +108,48 @@ def test_conv_bfloat16_gradients_close_to_nn_conv():
     g_new = jax.grad(_loss(new))(v, x)["params"]["kernel"]
     assert g_new.dtype == jnp.float32  # params stay float32
     np.testing.assert_allclose(g_new, g_ref, rtol=0.05, atol=0.05 * float(jnp.abs(g_ref).max()))
+
+
+def _depthwise_reference(x, w, strides, pads):
+    """y[b,p,q,c] = sum_{i,j} xp[b, s p + i, s q + j, c] w[i,j,0,c], loops in float64."""
+    xp = np.pad(np.asarray(x, np.float64), ((0, 0), *pads, (0, 0)))
+    kh, kw = w.shape[:2]
+    oh = (xp.shape[1] - kh) // strides[0] + 1
+    ow = (xp.shape[2] - kw) // strides[1] + 1
+    y = np.zeros((x.shape[0], oh, ow, x.shape[-1]))
+    for p in range(oh):
+        for q in range(ow):
+            win = xp[:, strides[0] * p : strides[0] * p + kh, strides[1] * q : strides[1] * q + kw]
+            y[:, p, q] = np.einsum("bijc,ijc->bc", win, np.asarray(w, np.float64)[:, :, 0])
+    return y
+
+
+@pytest.mark.parametrize(
+    "kernel_hw,strides,pads",
+    [
+        ((3, 3), (1, 1), ((1, 1), (1, 1))),
+        ((3, 3), (2, 2), ((0, 1), (1, 1))),
+        ((2, 4), (1, 3), ((0, 0), (2, 1))),
+    ],
+)
+def test_depthwise_conv2d_value_and_gradients_match_loops(kernel_hw, strides, pads):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 9, 10, 3)).astype(np.float32)
+    w = rng.normal(size=(*kernel_hw, 1, 3)).astype(np.float32)
+    y = layers.depthwise_conv2d(jnp.asarray(x), jnp.asarray(w), strides, pads)
+    ref = _depthwise_reference(x, w, strides, pads)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+    # Gradients of <y, c> for a fixed cotangent c. y is linear in x (and in w), so the reference
+    # gradient's entry k is <reference(e_k), c> with e_k the k-th basis array.
+    cot = rng.normal(size=ref.shape)
+    dx, dw = jax.grad(
+        lambda x, w: jnp.sum(layers.depthwise_conv2d(x, w, strides, pads) * cot), argnums=(0, 1)
+    )(jnp.asarray(x), jnp.asarray(w))
+    e = lambda a, i: np.eye(a.size)[i].reshape(a.shape)  # noqa: E731
+    ref_dx = [np.sum(_depthwise_reference(e(x, i), w, strides, pads) * cot) for i in range(x.size)]
+    ref_dw = [np.sum(_depthwise_reference(x, e(w, i), strides, pads) * cot) for i in range(w.size)]
+    np.testing.assert_allclose(dx, np.reshape(ref_dx, x.shape), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, np.reshape(ref_dw, w.shape), rtol=1e-5, atol=1e-4)
 
 
 def test_conv_rejects_non_2d_inputs():

@@ -70,7 +70,8 @@ FAST_LAYER_CASES = [
 @pytest.mark.parametrize("name,size,width", FAST_LAYER_CASES)
 def test_fast_layers_are_the_same_network_as_nn_conv_and_max_pool(monkeypatch, name, size, width):
     """layers.Conv / layers.max_pool against the same backbone built on nn.Conv / nn.max_pool:
-    the same parameter tree (old checkpoints load), identical embeddings, equal gradients."""
+    the same parameter tree (old checkpoints load), identical embeddings (equal within float32
+    rounding where depthwise convs are tap sums), equal gradients."""
     cfg = default.get_config().model
     cfg.name, cfg.width, cfg.embedding_dim = name, width, 16
     model = models.create_model(cfg)
@@ -99,7 +100,14 @@ def test_fast_layers_are_the_same_network_as_nn_conv_and_max_pool(monkeypatch, n
     assert jax.tree.structure(ref_variables) == jax.tree.structure(variables)
     for a, b in zip(jax.tree.leaves(ref_variables), jax.tree.leaves(variables), strict=True):
         np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(emb, ref_emb)
+    if name == "mobilefacenet":  # Depthwise convs are tap sums: another summation order.
+        np.testing.assert_allclose(emb, ref_emb, rtol=1e-4, atol=1e-5)
+    else:  # Identical embeddings, bit for bit.
+        np.testing.assert_array_equal(emb, ref_emb)
+    # Depthwise tap sums round differently, and MobileFaceNet's BN biases in front of the next
+    # BN (residual sum, then re-normalised) have exactly zero gradient in exact arithmetic: both
+    # networks give only float32 noise there, so those are compared on the largest gradient.
+    largest = max(float(jnp.abs(b).max()) for b in jax.tree.leaves(ref_grads))
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
-        scale = float(jnp.abs(b).max()) + 1e-12
+        scale = (largest if name == "mobilefacenet" else float(jnp.abs(b).max())) + 1e-12
         assert float(jnp.abs(a - b).max()) <= 1e-4 * scale, (a.shape, float(jnp.abs(a - b).max()))
