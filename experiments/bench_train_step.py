@@ -326,13 +326,73 @@ def op_runs(shape) -> dict:
         }
 
 
+# (batch, side, channels, stride): depthwise 3x3 convolutions of MobileFaceNet at 112x112
+# (width 64: the first depthwise layer; a stride-2 bottleneck entry; an expanded 14x14 block).
+DEPTHWISE_SHAPES = [(128, 56, 64, 1), (128, 56, 128, 2), (128, 14, 256, 1)]
+
+
+def depthwise_op_runs(shape) -> dict:
+    """{op name: (ours, torch)}: a depthwise conv's forward and both gradients in one call."""
+    import torch
+
+    from facenet_jax.models import layers
+
+    b, side, c, stride = shape
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(b, side, side, c)).astype(np.float32))
+    k = jnp.asarray(rng.normal(size=(3, 3, 1, c)).astype(np.float32) * 0.1)
+    strides, pads = (stride, stride), ((1, 1), (1, 1))
+    out = (side + 2 - 3) // stride + 1
+    g = jnp.asarray(rng.normal(size=(b, out, out, c)).astype(np.float32))
+
+    def lax_conv(x, k):
+        return lax.conv_general_dilated(
+            x, k, strides, pads, dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c
+        )
+
+    def both(conv):
+        def run(x, k, g):
+            y, vjp = jax.vjp(conv, x, k)
+            return y, *vjp(g)
+
+        return jax.jit(run)
+
+    ours = both(lambda x, k: layers.depthwise_conv2d(x, k, strides, pads))
+    xla = both(lax_conv)
+    tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
+    tk = torch.from_numpy(np.asarray(k).transpose(3, 2, 0, 1).copy())
+    tg = torch.from_numpy(np.asarray(g).transpose(0, 3, 1, 2).copy())
+
+    def torch_both():
+        xr, kr = tx.clone().requires_grad_(True), tk.clone().requires_grad_(True)
+        torch.nn.functional.conv2d(xr, kr, None, stride, 1, 1, c).backward(tg)
+
+    return {
+        "depthwise conv forward + both gradients, lax grouped conv (nn.Conv)": (
+            lambda: jax.block_until_ready(xla(x, k, g)),
+            torch_both,
+        ),
+        "depthwise conv forward + both gradients, tap sums (layers.Conv)": (
+            lambda: jax.block_until_ready(ours(x, k, g)),
+            torch_both,
+        ),
+    }
+
+
 def measure_ops(steps: int, warmup: int) -> None:
     """Prints a table of median milliseconds per op, ours next to PyTorch's, interleaved."""
     print()
     print("| op | input [B, H, W, C] -> C_out | ours ms | PyTorch ms | PyTorch / ours (speed) |")
     print("|---|---|---|---|---|")
-    for shape in OP_SHAPES:
-        for name, (ours, peer) in op_runs(shape).items():
+    cases = [
+        (f"[{b}, {h}, {h}, {ci}] -> {co}", op_runs((b, h, ci, co))) for b, h, ci, co in OP_SHAPES
+    ]
+    cases += [
+        (f"[{b}, {h}, {h}, {c}] -> {c}, stride {st}", depthwise_op_runs((b, h, c, st)))
+        for b, h, c, st in DEPTHWISE_SHAPES
+    ]
+    for shape_text, runs in cases:
+        for name, (ours, peer) in runs.items():
             for _ in range(warmup):
                 ours(), peer()
             times = {"ours": [], "torch": []}
@@ -343,9 +403,8 @@ def measure_ops(steps: int, warmup: int) -> None:
                     run()
                     times[key].append(time.perf_counter() - start)
             ms = {key: 1e3 * float(np.median(t)) for key, t in times.items()}
-            b, side, cin, cout = shape
             print(
-                f"| {name} | [{b}, {side}, {side}, {cin}] -> {cout} | {ms['ours']:.1f} | "
+                f"| {name} | {shape_text} | {ms['ours']:.1f} | "
                 f"{ms['torch']:.1f} | {ms['torch'] / ms['ours']:.2f} |",
                 flush=True,
             )

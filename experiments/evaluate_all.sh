@@ -48,7 +48,10 @@ if want setup; then
   #    from training) and of the train split. Same split code and config as training.
   # 2. Untrained networks: $OUT/untrained/<run> holds the run's config.json and a step-0
   #    checkpoint with the run's initialisation (same seed), for the untrained baseline.
-  "$PY" - "$BFW_RUN" "$OMNI_RUN" "$OUT" <<'EOF'
+  # Run from a file with a __main__ guard: preparing a run's data (when its cache is gone)
+  # spawns worker processes, which must re-import the script.
+  mkdir -p "$OUT"
+  cat >"$OUT/setup.py" <<'EOF'
 import os
 import shutil
 import sys
@@ -58,46 +61,58 @@ import numpy as np
 
 from facenet_jax import checkpoints, train
 from facenet_jax.data import input_pipeline
+from facenet_jax.objective import dataset_classes
 
-bfw_run, omni_run, out = sys.argv[1:]
-config = checkpoints.load_config(bfw_run)
-dataset = input_pipeline.create_dataset(config)
-root = dataset.split_info("train")["root"]
-for split in ("test", "train"):
-    ids = np.unique(dataset.labels[dataset.splits[split]])
-    # <group>/<identity>/ (--group-depth 1), and flat <group>__<identity>/ (--group-depth 0):
-    # without groups the CLI draws impostor pairs from any identity, as the training run's own
-    # evaluation does, and --head-train (read with the evaluated root's --group-depth) needs
-    # the flat tree next to a root without groups.
-    for tree, sep in ((f"bfw_{split}", "/"), (f"bfw_{split}_flat", "__")):
-        tree = os.path.join(out, "trees", tree)
-        shutil.rmtree(tree, ignore_errors=True)
-        for lab in ids:
-            name = dataset.identity_names[lab]  # "<group>/<identity>"
-            src, dst = os.path.join(root, name), os.path.join(tree, name.replace("/", sep))
-            os.makedirs(dst)
-            for f in sorted(os.listdir(src)):
-                os.symlink(os.path.join(src, f), os.path.join(dst, f))
-        print(f"{tree}: {len(ids)} identities", file=sys.stderr)
 
-for run in (bfw_run, omni_run):
-    if not os.path.exists(os.path.join(run, "config.json")):
-        print(f"{run}: no run there, no untrained baseline", file=sys.stderr)
-        continue
-    config = checkpoints.load_config(run)
-    workdir = os.path.join(out, "untrained", os.path.basename(os.path.normpath(run)))
-    shutil.rmtree(workdir, ignore_errors=True)
-    d = config.data
-    state = train.create_train_state(
-        config, jax.random.key(config.seed), (d.image_size, d.image_size, d.channels)
-    )
-    os.makedirs(workdir)
-    checkpoints.write_config(config, workdir)
-    manager = checkpoints.create_manager(workdir, config)
-    checkpoints.save(manager, state)
-    manager.close()
-    print(f"{workdir}: step-0 checkpoint", file=sys.stderr)
+def main(bfw_run, omni_run, out):
+    config = checkpoints.load_config(bfw_run)
+    dataset = input_pipeline.create_dataset(config)
+    root = dataset.split_info("train")["root"]
+    for split in ("test", "train"):
+        ids = np.unique(dataset.labels[dataset.splits[split]])
+        # <group>/<identity>/ (--group-depth 1), and flat <group>__<identity>/ (--group-depth 0):
+        # without groups the CLI draws impostor pairs from any identity, as the training run's own
+        # evaluation does, and --head-train (read with the evaluated root's --group-depth) needs
+        # the flat tree next to a root without groups.
+        for tree, sep in ((f"bfw_{split}", "/"), (f"bfw_{split}_flat", "__")):
+            tree = os.path.join(out, "trees", tree)
+            shutil.rmtree(tree, ignore_errors=True)
+            for lab in ids:
+                name = dataset.identity_names[lab]  # "<group>/<identity>"
+                src, dst = os.path.join(root, name), os.path.join(tree, name.replace("/", sep))
+                os.makedirs(dst)
+                for f in sorted(os.listdir(src)):
+                    os.symlink(os.path.join(src, f), os.path.join(dst, f))
+            print(f"{tree}: {len(ids)} identities", file=sys.stderr)
+
+    for run in (bfw_run, omni_run):
+        if not os.path.exists(os.path.join(run, "config.json")):
+            print(f"{run}: no run there, no untrained baseline", file=sys.stderr)
+            continue
+        config = checkpoints.load_config(run)
+        workdir = os.path.join(out, "untrained", os.path.basename(os.path.normpath(run)))
+        shutil.rmtree(workdir, ignore_errors=True)
+        d = config.data
+        # Margin-softmax runs also hold class weights (one row per training identity).
+        num_classes = len(dataset_classes(input_pipeline.create_dataset(config)))
+        state = train.create_train_state(
+            config,
+            jax.random.key(config.seed),
+            (d.image_size, d.image_size, d.channels),
+            num_classes=num_classes,
+        )
+        os.makedirs(workdir)
+        checkpoints.write_config(config, workdir)
+        manager = checkpoints.create_manager(workdir, config)
+        checkpoints.save(manager, state)
+        manager.close()
+        print(f"{workdir}: step-0 checkpoint", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
 EOF
+  "$PY" "$OUT/setup.py" "$BFW_RUN" "$OMNI_RUN" "$OUT"
 fi
 
 UNTRAINED_BFW="$OUT/untrained/$(basename "$BFW_RUN")"

@@ -209,14 +209,43 @@ def test_cached_landmarks_detect_once_per_content(tmp_path, monkeypatch):
     )
     np.testing.assert_allclose(got, expected)
     assert alignment.cached_landmarks(b"blank", lambda: blank, "fake", cache) is None
-    assert calls == [(40, 50, 3), (40, 50, 3)], "grey reaches the detector as RGB"
+    # Grey reaches the detector as RGB; no face: a second try with a 25% replicated border.
+    assert calls == [(40, 50, 3), (40, 50, 3), (60, 74, 3)]
     # A fresh cache (another process) reads the disk: no detection, "no face" included.
     fresh = alignment.LandmarkCache(str(tmp_path / "c"))
     np.testing.assert_allclose(alignment.cached_landmarks(b"face", None, "fake", fresh), expected)
     assert alignment.cached_landmarks(b"blank", None, "fake", fresh) is None
-    assert len(calls) == 2
+    assert len(calls) == 3
     entry = tmp_path / "c" / alignment.content_key(b"face")[:2]
     assert json.loads((entry / (alignment.content_key(b"face") + ".json")).read_text())
+    alignment.get_landmark_detector.cache_clear()
+
+
+def test_padded_retry_finds_a_face_that_fills_the_image(monkeypatch):
+    """A detector that needs context around the face (here: an image at least 50 pixels high)
+    misses a tight crop; the retry on the replicate-padded image finds it, shifted back."""
+    calls = []
+
+    def make():
+        def detect(image):
+            calls.append(image.shape)
+            h, w = image.shape[:2]
+            if h < 50:
+                return None
+            return FACE + (w / 2.0, h / 2.0)  # A face centred in the image.
+
+        return detect
+
+    monkeypatch.setitem(alignment.LANDMARK_DETECTORS, "needs_context", make)
+    alignment.get_landmark_detector.cache_clear()
+    got = alignment.detect_landmarks(np.full((40, 50, 3), 7, np.uint8), "needs_context")
+    assert calls == [(40, 50, 3), (60, 74, 3)]
+    np.testing.assert_allclose(got, FACE + (25.0, 20.0))  # Centred in the 40x50 original.
+    # Found on the first try: no retry.
+    assert (
+        alignment.detect_landmarks(np.full((60, 60, 3), 7, np.uint8), "needs_context") is not None
+    )
+    assert calls[2:] == [(60, 60, 3)]
     alignment.get_landmark_detector.cache_clear()
 
 
@@ -455,7 +484,7 @@ def test_folder_dataset_counts_and_names_align_fallbacks(tree, fake_landmarks, t
     named = [r.message for r in caplog.records if "crop=align: no face found in " in r.message]
     assert sorted(m.rsplit(" in ", 1)[1].split(";")[0] for m in named) == misses
     calls = len(fake_landmarks)
-    assert calls == len(good)
+    assert calls == len(good) + len(misses)  # A miss is tried again with a padded border.
     # Training reads the cache the survey filled, and a file loads as its record does.
     batch = next(iter(ds.eval_batches("train", 64)))
     assert batch["image"].shape[1:] == (16, 16, 3)
