@@ -204,8 +204,8 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, strides: tuple, pads: tupl
 
     with xp = x zero-padded by ``pads``. Shapes: x [B, H, W, C], kernel [KH, KW, 1, C] ->
     [B, OH, OW, C]. The KH KW shifted products fuse into one loop; XLA:CPU's grouped convolution
-    (forward and both gradients) is 5-13x slower than this at MobileFaceNet's shapes
-    (docs/bench_train_step.md). Gradients, also tap sums (float32 accumulation):
+    (forward and both gradients) is 8-21x slower than this at MobileFaceNet's shapes
+    (docs/bench_train_step.md, table 1). Gradients, also tap sums (float32 accumulation):
 
         dx  = crop(sum_{i,j} gd[:, h + KH-1-i, w + KW-1-j] W[i,j,0])   (gd: g dilated by s,
                                                                         padded by KH-1, KW-1)
