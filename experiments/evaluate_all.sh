@@ -46,9 +46,9 @@ if want setup; then
   # 1. The BFW run's own identity split, as folders the CLI can read: $OUT/trees/bfw_test[_flat]
   #    and bfw_train[_flat] hold folders of symlinks to the images of the test split (held out
   #    from training) and of the train split. Same split code and config as training.
-  # 2. Untrained networks: $OUT/untrained/<run> holds the run's config.json and a step-0
-  #    checkpoint with the run's initialisation (same seed), for the untrained baseline.
-  # Run from a file with a __main__ guard: preparing a run's data (when its cache is gone)
+  # Untrained baselines need no setup: `--untrained` rebuilds a run's step-0 network from its
+  # seed (`inference.untrained_embedder`).
+  # Run from a file with a __main__ guard: preparing the run's data (when its cache is gone)
   # spawns worker processes, which must re-import the script.
   mkdir -p "$OUT"
   cat >"$OUT/setup.py" <<'EOF'
@@ -56,15 +56,13 @@ import os
 import shutil
 import sys
 
-import jax
 import numpy as np
 
-from facenet_jax import checkpoints, train
+from facenet_jax import checkpoints
 from facenet_jax.data import input_pipeline
-from facenet_jax.objective import dataset_classes
 
 
-def main(bfw_run, omni_run, out):
+def main(bfw_run, out):
     config = checkpoints.load_config(bfw_run)
     dataset = input_pipeline.create_dataset(config)
     root = dataset.split_info("train")["root"]
@@ -85,38 +83,13 @@ def main(bfw_run, omni_run, out):
                     os.symlink(os.path.join(src, f), os.path.join(dst, f))
             print(f"{tree}: {len(ids)} identities", file=sys.stderr)
 
-    for run in (bfw_run, omni_run):
-        if not os.path.exists(os.path.join(run, "config.json")):
-            print(f"{run}: no run there, no untrained baseline", file=sys.stderr)
-            continue
-        config = checkpoints.load_config(run)
-        workdir = os.path.join(out, "untrained", os.path.basename(os.path.normpath(run)))
-        shutil.rmtree(workdir, ignore_errors=True)
-        d = config.data
-        # Margin-softmax runs also hold class weights (one row per training identity).
-        num_classes = len(dataset_classes(input_pipeline.create_dataset(config)))
-        state = train.create_train_state(
-            config,
-            jax.random.key(config.seed),
-            (d.image_size, d.image_size, d.channels),
-            num_classes=num_classes,
-        )
-        os.makedirs(workdir)
-        checkpoints.write_config(config, workdir)
-        manager = checkpoints.create_manager(workdir, config)
-        checkpoints.save(manager, state)
-        manager.close()
-        print(f"{workdir}: step-0 checkpoint", file=sys.stderr)
-
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
 EOF
-  "$PY" "$OUT/setup.py" "$BFW_RUN" "$OMNI_RUN" "$OUT"
+  "$PY" "$OUT/setup.py" "$BFW_RUN" "$OUT"
 fi
 
-UNTRAINED_BFW="$OUT/untrained/$(basename "$BFW_RUN")"
-UNTRAINED_OMNI="$OUT/untrained/$(basename "$OMNI_RUN")"
 BFW_TEST="$OUT/trees/bfw_test"
 BFW_TRAIN="$OUT/trees/bfw_train"
 BFW_TEST_FLAT="$OUT/trees/bfw_test_flat"
@@ -126,10 +99,10 @@ if want bfw; then
   # Held-out BFW identities, per group; the similarity head is fitted on the training identities.
   evaluate bfw_heldout "$BFW_RUN" --root "$BFW_TEST" --group-depth 1 --head-train "$BFW_TRAIN"
   evaluate bfw_heldout_flip "$BFW_RUN" --root "$BFW_TEST" --group-depth 1 --flip
-  evaluate bfw_heldout_untrained "$UNTRAINED_BFW" --root "$BFW_TEST" --group-depth 1
+  evaluate bfw_heldout_untrained "$BFW_RUN" --untrained --root "$BFW_TEST" --group-depth 1
   # Impostors from any identity (not only the same group): the training run's eval.json protocol.
   evaluate bfw_heldout_any_impostor "$BFW_RUN" --root "$BFW_TEST_FLAT" --head-train "$BFW_TRAIN_FLAT"
-  evaluate bfw_heldout_any_impostor_untrained "$UNTRAINED_BFW" --root "$BFW_TEST_FLAT"
+  evaluate bfw_heldout_any_impostor_untrained "$BFW_RUN" --untrained --root "$BFW_TEST_FLAT"
 fi
 
 if want bfw_all; then
@@ -139,12 +112,12 @@ fi
 
 if want yale; then
   evaluate yale "$BFW_RUN" --root "$DATA/extended_yaleb/CroppedYale" --head-train "$BFW_TRAIN_FLAT"
-  evaluate yale_untrained "$UNTRAINED_BFW" --root "$DATA/extended_yaleb/CroppedYale"
+  evaluate yale_untrained "$BFW_RUN" --untrained --root "$DATA/extended_yaleb/CroppedYale"
 fi
 
 if want orl; then
   evaluate orl "$BFW_RUN" --root "$DATA/orl" --head-train "$BFW_TRAIN_FLAT"
-  evaluate orl_untrained "$UNTRAINED_BFW" --root "$DATA/orl"
+  evaluate orl_untrained "$BFW_RUN" --untrained --root "$DATA/orl"
 fi
 
 if want omniglot; then
@@ -152,7 +125,7 @@ if want omniglot; then
   for way in 5 20; do
     episodes omniglot_episodes "$OMNI_RUN" --root "$EVAL_ALPHABETS" --group-depth 1 \
       --way "$way" --shot 1 --episodes 1000
-    episodes omniglot_episodes_untrained "$UNTRAINED_OMNI" --root "$EVAL_ALPHABETS" \
+    episodes omniglot_episodes_untrained "$OMNI_RUN" --untrained --root "$EVAL_ALPHABETS" \
       --group-depth 1 --way "$way" --shot 1 --episodes 1000
   done
   evaluate omniglot_verification "$OMNI_RUN" --root "$EVAL_ALPHABETS" --group-depth 1
@@ -169,10 +142,10 @@ names = zipfile.ZipFile(sys.argv[1]).namelist()
 print("\n".join(sorted({n.split("/")[1] for n in names if n.count("/") == 3 and n.endswith(".png")})))
 ' "$DATA/omniglot/images_evaluation.zip")
   for tag in trained untrained; do
-    workdir=$OMNI_RUN
-    [[ $tag == untrained ]] && workdir=$UNTRAINED_OMNI
+    flags=()
+    [[ $tag == untrained ]] && flags=(--untrained)
     for alphabet in "${ALPHABETS[@]}"; do
-      episodes "omniglot_within_alphabet/$tag/$alphabet" "$workdir" \
+      episodes "omniglot_within_alphabet/$tag/$alphabet" "$OMNI_RUN" "${flags[@]}" \
         --root "$EVAL_ALPHABETS/$alphabet" --way 20 --shot 1 --episodes 200
     done
   done

@@ -246,16 +246,22 @@ def detect_landmarks(image: np.ndarray, detector: str = "mtcnn") -> np.ndarray |
         image = np.repeat(image, 3, axis=-1)
     image = np.ascontiguousarray(image)
     run = get_landmark_detector(detector)
-    found = run(image)
-    if found is None or not np.all(np.isfinite(found)):
+
+    def usable(found) -> bool:
+        return found is not None and bool(np.all(np.isfinite(found)))
+
+    found, shift = run(image), (0, 0)
+    if not usable(found):
         import cv2
 
         ph, pw = round(image.shape[0] * RETRY_PAD), round(image.shape[1] * RETRY_PAD)
-        found = run(cv2.copyMakeBorder(image, ph, ph, pw, pw, cv2.BORDER_REPLICATE))
-        if found is None or not np.all(np.isfinite(found)):
-            return None
-        found = np.asarray(found, np.float64).reshape(5, 2) - (pw, ph)
-    return np.asarray(found, np.float64).reshape(5, 2)
+        found, shift = (
+            run(cv2.copyMakeBorder(image, ph, ph, pw, pw, cv2.BORDER_REPLICATE)),
+            (pw, ph),
+        )
+    if not usable(found):
+        return None
+    return np.asarray(found, np.float64).reshape(5, 2) - shift
 
 
 # -------------------------------------------------------------------- cache
