@@ -125,6 +125,8 @@ def face_crop_box(box: Box, height: int, width: int, margin: float) -> Box:
 def detect_relative(image: np.ndarray, detector: str) -> Box | None:
     """Runs ``detector`` on ``image: [H, W, C] uint8`` (grey is repeated to RGB).
 
+    When the detector finds no face it tries once more on the image with a replicated border of
+    ``alignment.RETRY_PAD`` times its height (width) on each side, as the landmark detector does.
     Returns the face box as fractions of the image, (y0/H, x0/W, y1/H, x1/W) clipped to [0, 1],
     so it stays valid when the image is later decoded at a reduced scale; None if no face.
     """
@@ -133,9 +135,21 @@ def detect_relative(image: np.ndarray, detector: str) -> Box | None:
     if image.shape[-1] == 1:
         image = np.repeat(image, 3, axis=-1)
     h, w = image.shape[:2]
-    box = get_detector(detector)(image)
+    image = np.ascontiguousarray(image)
+    run = get_detector(detector)
+    box = run(image)
     if box is None:
-        return None
+        # The padded second try of ``alignment.detect_landmarks`` (tight crops: a face filling
+        # the image has no context for MTCNN's proposal stage), the box shifted back.
+        import cv2
+
+        from facenet_jax.data import alignment
+
+        ph, pw = round(h * alignment.RETRY_PAD), round(w * alignment.RETRY_PAD)
+        box = run(cv2.copyMakeBorder(image, ph, ph, pw, pw, cv2.BORDER_REPLICATE))
+        if box is None:
+            return None
+        box = (box[0] - ph, box[1] - pw, box[2] - ph, box[3] - pw)
     y0, x0, y1, x1 = box
     rel = np.clip(np.array([y0 / h, x0 / w, y1 / h, x1 / w], np.float64), 0.0, 1.0)
     if rel[2] - rel[0] <= 0 or rel[3] - rel[1] <= 0:
@@ -147,7 +161,9 @@ def box_cache(detector: str, directory: str | None = None):
     """The process's cache of relative face boxes [4] for ``detector`` (``detection_cache``)."""
     from facenet_jax.data import detection_cache
 
-    return detection_cache.get_cache("boxes", "box", (4,), detector, directory)
+    # "+pad": boxes found with the padded retry (``detect_relative``); entries written before it,
+    # whose "no face" may now be a face, live under the detector's bare name and are not read.
+    return detection_cache.get_cache("boxes", "box", (4,), f"{detector}+pad", directory)
 
 
 def find_box(data: bytes, detector: str) -> np.ndarray | None:

@@ -154,7 +154,9 @@ def config_name(listing: files.TreeListing, detector: str) -> str:
     """``<root name>_<12 hex of the hash of FORMAT_VERSION, the listing and the detector>``."""
     base = os.path.basename(listing.root.rstrip(os.sep)) or "root"
     slug = re.sub(r"[^a-z0-9]+", "_", base.lower()).strip("_")[:40] or "root"
-    key = f"{FORMAT_VERSION}\n{listing.signature}\n{detector}"
+    # "+pad": crop=detect's boxes come with the padded retry (face_detection.detect_relative);
+    # folders prepared before it are prepared again rather than read with their old fallbacks.
+    key = f"{FORMAT_VERSION}\n{listing.signature}\n{detector + '+pad' if detector else ''}"
     digest = hashlib.sha1(key.encode()).hexdigest()[:12]
     return f"{slug}_{digest}"
 

@@ -50,6 +50,39 @@ def test_detect_relative_with_a_stand_in_detector(monkeypatch):
     face_detection.get_detector.cache_clear()
 
 
+def test_padded_retry_finds_a_box_that_fills_the_image(monkeypatch):
+    """A detector that needs context around the face (an image at least 50 pixels high) misses a
+    tight crop; the retry on the replicate-padded image finds it and the box is shifted back."""
+    calls = []
+
+    def make():
+        def detect(image):
+            calls.append(image.shape)
+            h, w = image.shape[:2]
+            if h < 50:
+                return None
+            return (h / 2 - 10.0, w / 2 - 12.0, h / 2 + 10.0, w / 2 + 12.0)  # Centred face.
+
+        return detect
+
+    monkeypatch.setitem(face_detection.DETECTORS, "needs_context", make)
+    face_detection.get_detector.cache_clear()
+    box = face_detection.detect_relative(np.full((40, 48, 3), 7, np.uint8), "needs_context")
+    assert calls == [(40, 48, 3), (60, 72, 3)]  # 10 and 12 pixels of border on each side.
+    np.testing.assert_allclose(box, (10 / 40, 12 / 48, 30 / 40, 36 / 48))
+    # Found on the first try: no retry.
+    assert face_detection.detect_relative(np.full((60, 60, 3), 7, np.uint8), "needs_context")
+    assert calls[2:] == [(60, 60, 3)]
+    face_detection.get_detector.cache_clear()
+
+
+def test_box_cache_lives_in_the_padded_retry_namespace(tmp_path):
+    """Entries written before the retry (bare detector name) are not read: their "no face" may
+    now be a face."""
+    cache = face_detection.box_cache("mtcnn", str(tmp_path))
+    assert cache.directory == str(tmp_path / "boxes" / "mtcnn+pad-v1")
+
+
 def test_unknown_detector_lists_the_valid_ones():
     with pytest.raises(ValueError, match="mtcnn"):
         face_detection.get_detector("retinaface")
