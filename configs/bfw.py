@@ -10,13 +10,15 @@ held-out 10-fold vs 0.562, still at chance, for CosFace alone), and the class te
 (CosFace / ArcFace papers; not measured here) to add identity-level separation over a longer
 schedule. The class weights are dropped at inference.
 
-Measured (docs/results.md, 2026-12-01, the quiet 2-core CPU): the whole command takes 83 min
-(2,200 steps at ~2.1 s, compiling and evaluation included; prepared records and landmark cache
-warm) and reaches, on the 80 held-out identities, 10-fold 0.867 with impostors from any
-identity, 0.712 within the demographic group, TAR 0.129 at FAR 1e-3, ORL 0.945. Chosen from the
+Measured (docs/results.md, 2026-12-01, the quiet 2-core CPU): the whole command takes 88 min
+(2,800 steps at ~1.85 s, compiling and evaluation included; prepared records and landmark cache
+warm) and reaches, on the 80 held-out identities, 10-fold 0.868 with impostors from any
+identity, 0.724 within the demographic group, TAR 0.168 at FAR 1e-3, ORL 0.952. Chosen from the
 backbones' measured cost (docs/ablations.md, "BFW recipe search": MobileFaceNet's depthwise
-convolutions are ~4x slower per image than IR-18 width 16 on XLA:CPU) and short probes; the run
-ends underfit, so more steps or width (a GPU) are the next gains.
+convolutions were ~4x slower per image than IR-18 width 16 on XLA:CPU) and short probes. The
+2,200-step schedule before it (83 min) reached 0.867 / 0.712 / 0.129 / 0.945: 27 % more steps
+moved the low-FAR and within-group numbers, not the any-impostor accuracy, so width and input
+size (a GPU) are the next gains, not length.
 
   python -m facenet_jax.main --config=configs/bfw.py --workdir=DIR
 
@@ -57,7 +59,7 @@ def get_config():
     t.loss_weights = (1.0, 0.1)  # CosFace's loss starts ~100x the triplet's (s = 30).
     t.margin_scale = 30.0  # s.
     t.margin_m = 0.35  # CosFace's cosine margin.
-    t.num_steps = 2200  # ~2.1 s a step on the quiet 2 cores: 83 min in all (docs/results.md).
+    t.num_steps = 2800  # ~1.85 s a step on the quiet 2 cores: 88 min in all (docs/results.md).
     t.warmup_steps = 100  # Linear warm-up before the cosine decay.
     t.log_every = 100  # Log every 100 steps.
     t.checkpoint_every = 250  # Checkpoint every 250 steps (a stopped run resumes from here).
