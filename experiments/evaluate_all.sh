@@ -3,7 +3,7 @@
 #
 #   experiments/evaluate_all.sh            # all sections
 #   experiments/evaluate_all.sh bfw yale   # some of: setup bfw bfw_all yale orl omniglot
-#                                          #   omniglot_within
+#                                          #   omniglot_within wild
 #
 # Inputs: two finished training runs (see docs/results.md for their commands) and the data
 # under $DATA. Outputs: JSON and PNG files under $OUT/<name>/ (never inside the repository).
@@ -18,7 +18,7 @@ BFW_RUN=${BFW_RUN:-workdirs/bfw}
 OMNI_RUN=${OMNI_RUN:-workdirs/omniglot}
 OUT=${OUT:-workdirs/results}
 CLI=("$PY" -m facenet_jax.cli)
-if (($#)); then SECTIONS=("$@"); else SECTIONS=(setup bfw bfw_all yale orl omniglot omniglot_within); fi
+if (($#)); then SECTIONS=("$@"); else SECTIONS=(setup bfw bfw_all yale orl omniglot omniglot_within wild); fi
 
 want() { [[ " ${SECTIONS[*]} " == *" $1 "* ]]; }
 
@@ -103,6 +103,18 @@ if want bfw; then
   # Impostors from any identity (not only the same group): the training run's eval.json protocol.
   evaluate bfw_heldout_any_impostor "$BFW_RUN" --root "$BFW_TEST_FLAT" --head-train "$BFW_TRAIN_FLAT"
   evaluate bfw_heldout_any_impostor_untrained "$BFW_RUN" --untrained --root "$BFW_TEST_FLAT"
+fi
+
+if want wild; then
+  # The LFW-format in-the-wild stand-in: the held-out crops pasted into uncropped 250x250
+  # photos, one pairs.txt (10 identity-disjoint folds) for the photos and the tight crops.
+  "$PY" experiments/make_wild_pairs.py --root "$BFW_TEST_FLAT" --out "$OUT/wild_set"
+  for kind in wild tight; do
+    evaluate "${kind}_pairs" "$BFW_RUN" --pairs "$OUT/wild_set/$kind/pairs.txt" --root "$OUT/wild_set/$kind"
+    evaluate "${kind}_pairs_untrained" "$BFW_RUN" --untrained --pairs "$OUT/wild_set/$kind/pairs.txt" \
+      --root "$OUT/wild_set/$kind"
+  done
+  evaluate wild_pairs_flip "$BFW_RUN" --flip --pairs "$OUT/wild_set/wild/pairs.txt" --root "$OUT/wild_set/wild"
 fi
 
 if want bfw_all; then
