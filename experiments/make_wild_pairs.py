@@ -34,6 +34,8 @@ import sys
 import numpy as np
 from absl import app, flags
 
+from facenet_jax.data import files
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("root", None, "Tree of face crops, <identity>/<image>.", required=True)
 flags.DEFINE_string("out", None, "Output folder (gets tight/ and wild/).", required=True)
@@ -45,8 +47,6 @@ flags.DEFINE_float("degrees", 15.0, "Rotation range, degrees (uniform in +-degre
 flags.DEFINE_float("shift", 0.08, "Largest offset of the face centre, as a fraction of the side.")
 flags.DEFINE_integer("seed", 0, "Seed of the photos and the pairs.")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".pgm", ".bmp")
-
 
 def list_tree(root: str) -> dict[str, list[str]]:
     """{identity: sorted image paths} of ``root/<identity>/<image>``, identities sorted."""
@@ -56,9 +56,7 @@ def list_tree(root: str) -> dict[str, list[str]]:
         if not os.path.isdir(folder):
             continue
         images = sorted(
-            os.path.join(folder, f)
-            for f in os.listdir(folder)
-            if f.lower().endswith(IMAGE_EXTENSIONS)
+            os.path.join(folder, f) for f in os.listdir(folder) if files.is_image_file(f)
         )
         if images:
             if any(c.isspace() for c in name):
@@ -72,7 +70,7 @@ def make_pairs(
 ) -> list[list[tuple]]:
     """Per fold, ``per_fold`` matched (name, i, j) and mismatched (name1, i, name2, j) pairs,
     1-based image numbers, no pair twice; fold f uses only its own identities."""
-    names = [n for n in counts]
+    names = list(counts)
     order = rng.permutation(len(names))
     groups = [[names[k] for k in order[f::folds]] for f in range(folds)]
     out = []
@@ -139,8 +137,6 @@ def main(argv):
     folds = make_pairs({n: len(v) for n, v in tree.items()}, FLAGS.folds, FLAGS.per_fold, rng)
     face_range = tuple(float(v) for v in FLAGS.face)
     names = list(tree)
-    for kind in ("tight", "wild"):
-        os.makedirs(os.path.join(FLAGS.out, kind), exist_ok=True)
     for n, name in enumerate(names):
         for kind in ("tight", "wild"):
             os.makedirs(os.path.join(FLAGS.out, kind, name), exist_ok=True)

