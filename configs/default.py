@@ -52,6 +52,8 @@ def get_config() -> ml_collections.ConfigDict:
     data.random_crop_padding = 2  # random_crop: pad by this many pixels, crop back to size.
     data.affine_degrees = 10.0  # affine: rotation about the centre drawn from U(-deg, deg).
     data.affine_scale = 0.1  # affine: zoom drawn log-uniform from [1 / (1 + s), 1 + s].
+    data.rotation_classes = 1  # R in 1 | 2 | 4: each training identity also trains as R - 1 new
+    # identities, its images turned by k * 360 / R degrees (Vinyals et al. 2016; characters only).
     data.num_workers = 0  # Grain worker processes for decoding (0 = in the main process).
     data.prefetch = 2  # Batches prefetched ahead of the train step.
 

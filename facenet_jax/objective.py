@@ -138,8 +138,12 @@ def training_classes(labels: np.ndarray, train_indices: np.ndarray, min_images: 
 
 
 def dataset_classes(dataset: input_pipeline.FaceDataset) -> np.ndarray:
-    """``training_classes`` of a ``records.RecordDataset`` (every source builds one)."""
-    return training_classes(dataset.labels, dataset.splits["train"], dataset.spec.min_images)
+    """[C] sorted labels of the training batches of a ``records.RecordDataset`` (every source
+    builds one): ``training_classes``, and with ``spec.rotation_classes`` R > 1 each identity i
+    as the R classes i * R + r of its turned images (C = R x the training identities)."""
+    ids = training_classes(dataset.labels, dataset.splits["train"], dataset.spec.min_images)
+    turns = dataset.spec.rotation_classes
+    return (ids[:, None] * turns + np.arange(turns)).reshape(-1)
 
 
 def to_class_labels(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:

@@ -10,6 +10,9 @@ augmentation seeding, padding and grain's worker processes exist once for all so
   process decodes rows ``sampling.process_slice(...)`` of it. Row r of step s is augmented with a
   generator seeded by (seed, s, r), so a batch is a pure function of (seed, step) and the union of
   the process slices is exactly the single-process batch, augmentation included;
+* ``spec.rotation_classes`` R > 1 (Omniglot's customary class augmentation, Vinyals et al. 2016):
+  training identity i is sampled as R identities, the r-th with its images turned by r * 360 / R
+  degrees (``np.rot90``, before augmentation) and labelled i * R + r; evaluation is unchanged;
 * ``eval_batches``: every record of a split once, in record order, unaugmented, the last batch
   padded with ``IGNORE_LABEL`` / group -1;
 * decoding, cropping and augmentation run in ``spec.num_workers`` grain worker processes (each
@@ -105,8 +108,14 @@ class _TrainBatch:
         )
 
     def __call__(self, step: int) -> Batch:
-        idx = self.indices(step)[self.rows]
+        # Sampled entries are record * R + r: record ``record`` turned r * 360 / R degrees, a
+        # class of its own (``rotation_classes``; R = 1 leaves records and labels as they are).
+        turns = self.spec.rotation_classes
+        idx, rot = np.divmod(self.indices(step)[self.rows], turns)
         images = np.stack([self.decode(r) for r in read(self.source, idx)], dtype=np.float32)
+        if turns > 1:
+            quarter_turns = rot * (4 // turns)
+            images = np.stack([np.rot90(x, k) for x, k in zip(images, quarter_turns, strict=True)])
         if self.spec.augment:
             # One generator per global row: a row looks the same whichever process loads it.
             rows = range(self.rows.start, self.rows.stop)
@@ -119,7 +128,8 @@ class _TrainBatch:
                 affine_degrees=self.spec.affine_degrees,
                 affine_scale=self.spec.affine_scale,
             )
-        return {"image": images, "label": self.labels[idx].astype(np.int32)}
+        labels = self.labels[idx] * turns + rot
+        return {"image": images, "label": labels.astype(np.int32)}
 
 
 @dataclasses.dataclass
@@ -221,7 +231,11 @@ class RecordDataset:
         train = self._split("train")
         train_labels = np.full(len(self.labels), sampling.IGNORE_LABEL)
         train_labels[train] = self.labels[train]
-        self._by_identity = list(sampling.group_by_label(train_labels, spec.min_images).values())
+        by_identity = sampling.group_by_label(train_labels, spec.min_images).values()
+        # rotation_classes R: identity i is R sampled identities, entry record * R + r in the
+        # r-th (its images turned r * 360 / R degrees, label i * R + r; _TrainBatch decodes it).
+        turns = spec.rotation_classes
+        self._by_identity = [idx * turns + r for idx in by_identity for r in range(turns)]
         self._report()
 
     def _report(self) -> None:

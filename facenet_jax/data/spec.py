@@ -12,7 +12,7 @@ default config but not here).
     dataclasses.replace(spec, crop="center")   # a variant, validated again
 
 The allowed values of the enumerated fields are declared here, next to the fields: ``CROPS``,
-``AUGMENTATIONS`` and ``SPLIT_BY``; detector names are the keys of
+``AUGMENTATIONS``, ``SPLIT_BY`` and ``ROTATION_CLASSES``; detector names are the keys of
 ``face_detection.DETECTORS`` and source names those of ``input_pipeline.SOURCES`` (checked where
 the dataset is created).
 """
@@ -30,6 +30,7 @@ from facenet_jax.data import alignment, face_detection
 CROPS = ("none", "center", "detect", "align")  # config.data.crop; see preprocessing.crop_box.
 AUGMENTATIONS = ("random_crop", "flip", "color", "affine")  # config.data.augment.
 SPLIT_BY = ("identity", "image")  # config.data.split_by; see splits.split_indices.
+ROTATION_CLASSES = (1, 2, 4)  # config.data.rotation_classes; see records.RecordDataset.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +68,7 @@ class DataSpec:
     random_crop_padding: int
     affine_degrees: float
     affine_scale: float
+    rotation_classes: int
     num_workers: int
     prefetch: int
 
@@ -93,6 +95,12 @@ class DataSpec:
         )
         _check(self.affine_degrees >= 0, "affine_degrees", "must be >= 0", self.affine_degrees)
         _check(self.affine_scale >= 0, "affine_scale", "must be >= 0", self.affine_scale)
+        _check(
+            self.rotation_classes in ROTATION_CLASSES,
+            "rotation_classes",
+            f"allowed: {list(ROTATION_CLASSES)} (1 = off)",
+            self.rotation_classes,
+        )
         _check(self.image_size >= 1, "image_size", "must be >= 1", self.image_size)
         _check(self.channels in (1, 3), "channels", "must be 1 (grey) or 3 (RGB)", self.channels)
         _check(self.crop in CROPS, "crop", f"unknown crop; allowed: {list(CROPS)}", self.crop)

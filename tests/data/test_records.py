@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from configs import default
+from facenet_jax import objective
 from facenet_jax.data import input_pipeline, preprocessing, records, sampling
 from facenet_jax.data.spec import DataSpec
 from tests.data import trees
@@ -78,6 +79,28 @@ def test_a_batch_is_the_sampled_rows_each_augmented_by_its_own_generator():
         np.testing.assert_array_equal(batch["image"][r], want)
         assert batch["label"][r] == ds.labels[i]
     assert set(batch["label"].tolist()) <= set(range(8)), "held-out identities never train"
+
+
+@pytest.mark.parametrize("turns", [2, 4])
+def test_rotation_classes_sample_turned_records_as_new_identities(turns):
+    """Reference: every row is some training record of identity label // R turned by
+    (label % R) * 360 / R degrees, K rows per sampled class; all R turns of an identity occur."""
+    ds = _in_memory(augment=(), rotation_classes=turns)
+    seen = set()
+    for step, batch in enumerate(_take(ds.train_batches(0), 20)):
+        labels = batch["label"].reshape(4, 3)
+        assert (labels == labels[:, :1]).all() and len(set(labels[:, 0].tolist())) == 4
+        for image, label in zip(batch["image"], batch["label"], strict=True):
+            base, turn = divmod(int(label), turns)
+            assert base < 8, f"step {step}: held-out identity {base} trains"
+            candidates = [np.rot90(ds.source[i], turn * 4 // turns) for i in range(40)]
+            candidates = [i for i, x in enumerate(candidates) if np.array_equal(x, image)]
+            assert candidates and all(ds.labels[i] == base for i in candidates)
+            seen.add((base, turn))
+    assert {t for _, t in seen} == set(range(turns))
+    classes = objective.dataset_classes(ds)
+    np.testing.assert_array_equal(classes, np.arange(8 * turns))
+    assert (objective.to_class_labels(batch["label"], classes) == batch["label"]).all()
 
 
 def test_batches_are_deterministic_and_resume_equivalent(folder_dataset):

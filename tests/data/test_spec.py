@@ -81,6 +81,7 @@ def test_missing_and_unknown_fields_are_named():
         ("num_workers", -1, "config.data.num_workers"),
         ("affine_degrees", -1.0, "config.data.affine_degrees: must be >= 0"),
         ("affine_scale", -0.1, "config.data.affine_scale: must be >= 0"),
+        ("rotation_classes", 3, r"config.data.rotation_classes: allowed: \[1, 2, 4\]"),
     ],
 )
 def test_invalid_values_are_named(field, value, match):
