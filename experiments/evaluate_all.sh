@@ -8,6 +8,7 @@
 # Inputs: two finished training runs (see docs/results.md for their commands) and the data
 # under $DATA. Outputs: JSON and PNG files under $OUT/<name>/ (never inside the repository).
 # Runs one evaluation at a time (the machine this was written on has 2 shared CPU cores).
+# UNTRAINED=0 skips the untrained baselines of omniglot and omniglot_within (ablation runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -137,6 +138,7 @@ if want omniglot; then
   for way in 5 20; do
     episodes omniglot_episodes "$OMNI_RUN" --root "$EVAL_ALPHABETS" --group-depth 1 \
       --way "$way" --shot 1 --episodes 1000
+    [[ ${UNTRAINED:-1} == 0 ]] && continue
     episodes omniglot_episodes_untrained "$OMNI_RUN" --untrained --root "$EVAL_ALPHABETS" \
       --group-depth 1 --way "$way" --shot 1 --episodes 1000
   done
@@ -153,7 +155,9 @@ import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
 print("\n".join(sorted({n.split("/")[1] for n in names if n.count("/") == 3 and n.endswith(".png")})))
 ' "$DATA/omniglot/images_evaluation.zip")
-  for tag in trained untrained; do
+  TAGS=(trained untrained)
+  [[ ${UNTRAINED:-1} == 0 ]] && TAGS=(trained)  # UNTRAINED=0: ablation runs skip the baseline.
+  for tag in "${TAGS[@]}"; do
     flags=()
     [[ $tag == untrained ]] && flags=(--untrained)
     for alphabet in "${ALPHABETS[@]}"; do
@@ -162,14 +166,14 @@ print("\n".join(sorted({n.split("/")[1] for n in names if n.count("/") == 3 and 
     done
   done
   # Mean over the 20 x 200 episodes, and its 95% interval from the pooled episode variance.
-  "$PY" - "$WITHIN" "${ALPHABETS[@]}" <<'EOF'
+  "$PY" - "$WITHIN" "${TAGS[*]}" "${ALPHABETS[@]}" <<'EOF'
 import json
 import math
 import os
 import sys
 
-within, alphabets = sys.argv[1], sys.argv[2:]
-for tag in ("trained", "untrained"):
+within, tags, alphabets = sys.argv[1], sys.argv[2].split(), sys.argv[3:]
+for tag in tags:
     runs = []
     for a in alphabets:
         with open(os.path.join(within, tag, a, "episodes_20way_1shot.json")) as f:
