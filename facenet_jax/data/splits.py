@@ -147,10 +147,13 @@ def _problems(
 ) -> dict[str, tuple[int, ...]]:
     """{"train": (drawable identities,)} and/or {"eval": (identities, with >= 2 images)} when
     the train split cannot fill P, or the evaluated split cannot give a same and a different pair.
+
+    With ``rotation_classes`` R each drawable identity is R sampled identities (its turned
+    images, ``records.RecordDataset``), so P is checked against R x the drawable identities.
     """
     out = {}
     train = np.bincount(labels[parts["train"]]) if len(parts["train"]) else np.zeros(0, int)
-    drawable = int((train >= _need(spec)).sum())
+    drawable = int((train >= _need(spec)).sum()) * spec.rotation_classes
     if drawable < spec.identities_per_batch:
         out["train"] = (drawable,)
     held = parts[eval_split]
@@ -207,9 +210,16 @@ def _message(labels, groups, parts, spec: DataSpec, eval_split: str, problems, w
                 f"{spec.val_fraction} / {spec.test_fraction}), which hold identities out of "
                 "training"
             )
+        turns = spec.rotation_classes
+        sampled = (
+            f"{drawable} identities with >= {need} images"
+            if turns == 1
+            else f"{drawable // turns} identities with >= {need} images (x config.data."
+            f"rotation_classes = {turns}: {drawable} sampled identities)"
+        )
         lines.append(
             f"config.data.identities_per_batch (P) = {p}, but the train split of {what} has "
-            f"{drawable} identities with >= {need} images ({total} identities: {splits_text}); "
+            f"{sampled} ({total} identities: {splits_text}); "
             + ("; or ".join(fixes) if fixes else "add identities")
         )
     if "eval" in problems:
@@ -319,7 +329,7 @@ def check_listing(
         # An identity dropping below min_images is held out as a distractor, with a pair.
         held_bound += int((counts >= 2).sum())
     certain = {}
-    if "train" in problems and train_bound < spec.identities_per_batch:
+    if "train" in problems and train_bound * spec.rotation_classes < spec.identities_per_batch:
         certain["train"] = problems["train"]
     if "eval" in problems and held_bound == 0:
         certain["eval"] = problems["eval"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from facenet_jax.data import splits
+from facenet_jax.data import sampling, splits
 from facenet_jax.data.spec import DataSpec
 
 
@@ -114,6 +114,36 @@ def test_p_larger_than_the_train_identities_names_the_field_and_a_value_that_wor
     with pytest.raises(ValueError, match="set config.data.sample_with_replacement=True"):
         splits.check_feasible(few, None, strict, "test")
     assert _feasible(few, dataclasses.replace(strict, sample_with_replacement=True))
+
+
+@pytest.mark.parametrize("turns", [2, 4])
+def test_rotation_classes_multiply_the_identities_p_is_checked_against(turns):
+    # records.RecordDataset samples each drawable identity as `turns` identities (its turned
+    # images): 9 training identities give 9 * turns sampled ones, and P is checked against those.
+    labels = np.repeat(np.arange(12), 4)
+    spec = _spec(
+        identities_per_batch=9 * turns,
+        images_per_identity=4,
+        test_fraction=0.2,
+        rotation_classes=turns,
+    )
+    assert _feasible(labels, spec)
+    splits.check_listing(labels, None, spec, "test", what="faces/")  # Does not raise.
+    parts = splits.split_for_spec(labels, np.zeros_like(labels), spec)
+    by_identity = sampling.group_by_label(labels[parts["train"]], 4).values()
+    entries = [idx * turns + r for idx in by_identity for r in range(turns)]
+    batch = sampling.pk_batch_indices(entries, p=9 * turns, k=4, seed=0, step=0)
+    assert len(np.unique(batch.reshape(9 * turns, 4)[:, 0] % turns)) == turns  # All turns drawn.
+    too_many = dataclasses.replace(spec, identities_per_batch=9 * turns + 1)
+    for check in (splits.check_feasible, splits.check_listing):
+        with pytest.raises(ValueError) as e:
+            check(labels, None, too_many, "test", what="faces/")
+        message = str(e.value)
+        assert (
+            f"has 9 identities with >= 2 images (x config.data.rotation_classes = {turns}: "
+            f"{9 * turns} sampled identities)" in message
+        )
+        assert f"set config.data.identities_per_batch <= {9 * turns}" in message
 
 
 def test_too_few_held_out_identities_suggest_the_smallest_fraction_that_works():
