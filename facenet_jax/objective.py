@@ -15,7 +15,7 @@ import numpy as np
 from facenet_jax import (
     losses,
 )
-from facenet_jax.data import input_pipeline
+from facenet_jax.data import input_pipeline, sampling
 from facenet_jax.labels import IGNORE_LABEL
 
 
@@ -143,7 +143,7 @@ def dataset_classes(dataset: input_pipeline.FaceDataset) -> np.ndarray:
     as the R classes i * R + r of its turned images (C = R x the training identities)."""
     ids = training_classes(dataset.labels, dataset.splits["train"], dataset.spec.min_images)
     turns = dataset.spec.rotation_classes
-    return (ids[:, None] * turns + np.arange(turns)).reshape(-1)
+    return sampling.turned(ids[:, None], np.arange(turns), turns).reshape(-1)
 
 
 def to_class_labels(labels: np.ndarray, classes: np.ndarray) -> np.ndarray:

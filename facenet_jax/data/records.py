@@ -128,7 +128,7 @@ class _TrainBatch:
                 affine_degrees=self.spec.affine_degrees,
                 affine_scale=self.spec.affine_scale,
             )
-        labels = self.labels[idx] * turns + rot
+        labels = sampling.turned(self.labels[idx], rot, turns)
         return {"image": images, "label": labels.astype(np.int32)}
 
 
@@ -235,7 +235,9 @@ class RecordDataset:
         # rotation_classes R: identity i is R sampled identities, entry record * R + r in the
         # r-th (its images turned r * 360 / R degrees, label i * R + r; _TrainBatch decodes it).
         turns = spec.rotation_classes
-        self._by_identity = [idx * turns + r for idx in by_identity for r in range(turns)]
+        self._by_identity = [
+            sampling.turned(idx, r, turns) for idx in by_identity for r in range(turns)
+        ]
         self._report()
 
     def _report(self) -> None:

@@ -26,6 +26,16 @@ def group_by_label(labels: np.ndarray, min_count: int = 1) -> dict[int, np.ndarr
     }
 
 
+def turned(index, turn, turns: int):
+    """``rotation_classes``' one numbering rule: ``index * turns + turn``.
+
+    Identity ``i`` turned ``turn`` of ``turns`` (r * 360 / R degrees) is the class
+    ``turned(i, r, R)``; record ``j`` turned the same way is the sampler entry ``turned(j, r, R)``,
+    which ``divmod(entry, R)`` undoes. Works on ints and broadcasting arrays.
+    """
+    return index * turns + turn
+
+
 def pk_batch_indices(
     identity_to_indices: Sequence[np.ndarray],
     *,

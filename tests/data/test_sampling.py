@@ -92,3 +92,14 @@ def test_eval_batches_visit_every_item_once(n, batch_size):
         assert (idx[~valid] == 0).all()
         assert valid.tolist() == sorted(valid.tolist(), reverse=True), "padding only at the end"
     assert seen == list(range(n))
+
+
+@pytest.mark.parametrize("turns", [1, 2, 4])
+def test_turned_numbering_is_undone_by_divmod_and_is_one_to_one(turns):
+    index, turn = np.meshgrid(np.arange(50), np.arange(turns), indexing="ij")
+    entries = sampling.turned(index, turn, turns)
+    assert len(np.unique(entries)) == entries.size  # No two (index, turn) share a number.
+    back_index, back_turn = np.divmod(entries, turns)
+    np.testing.assert_array_equal(back_index, index)
+    np.testing.assert_array_equal(back_turn, turn)
+    assert sampling.turned(7, 3, 4) == 31
