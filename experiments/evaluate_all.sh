@@ -18,6 +18,7 @@ DATA=${DATA:-../shared/data}
 BFW_RUN=${BFW_RUN:-workdirs/bfw}
 OMNI_RUN=${OMNI_RUN:-workdirs/omniglot}
 OUT=${OUT:-workdirs/results}
+UNTRAINED=${UNTRAINED:-1}  # 0: skip the untrained Omniglot baselines (ablation runs).
 CLI=("$PY" -m facenet_jax.cli)
 if (($#)); then SECTIONS=("$@"); else SECTIONS=(setup bfw bfw_all yale orl omniglot omniglot_within wild); fi
 
@@ -138,7 +139,7 @@ if want omniglot; then
   for way in 5 20; do
     episodes omniglot_episodes "$OMNI_RUN" --root "$EVAL_ALPHABETS" --group-depth 1 \
       --way "$way" --shot 1 --episodes 1000
-    [[ ${UNTRAINED:-1} == 0 ]] && continue
+    [[ $UNTRAINED == 0 ]] && continue
     episodes omniglot_episodes_untrained "$OMNI_RUN" --untrained --root "$EVAL_ALPHABETS" \
       --group-depth 1 --way "$way" --shot 1 --episodes 1000
   done
@@ -156,7 +157,7 @@ names = zipfile.ZipFile(sys.argv[1]).namelist()
 print("\n".join(sorted({n.split("/")[1] for n in names if n.count("/") == 3 and n.endswith(".png")})))
 ' "$DATA/omniglot/images_evaluation.zip")
   TAGS=(trained untrained)
-  [[ ${UNTRAINED:-1} == 0 ]] && TAGS=(trained)  # UNTRAINED=0: ablation runs skip the baseline.
+  [[ $UNTRAINED == 0 ]] && TAGS=(trained)
   for tag in "${TAGS[@]}"; do
     flags=()
     [[ $tag == untrained ]] && flags=(--untrained)
