@@ -103,5 +103,8 @@ def get_config() -> ml_collections.ConfigDict:
     evaluation.num_folds = 10  # Folds for accuracy with the threshold tuned on the other folds.
     evaluation.batch_size = 256  # Images per embedding batch (padded with the ignore label).
     evaluation.baseline = True  # Also evaluate the untrained network (step 0) for comparison.
+    # Test-time mirror averaging, embedding = l2_normalize(f(x) + f(mirror(x))): the run's own
+    # evaluation, its threshold and every CLI command of the run (--flip / --no-flip override).
+    evaluation.flip = False
 
     return config

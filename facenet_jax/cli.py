@@ -31,6 +31,7 @@ the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
@@ -81,16 +82,32 @@ def _finite_or_none(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
+def _warn_other_flip(args, config) -> None:
+    run_flip = bool(config.eval.get("flip", False))
+    if args.flip is not None and args.flip != run_flip:
+        log.warning(
+            "--%sflip: the run's threshold was measured %s mirror averaging (config.eval.flip="
+            "%s), so it is applied to embeddings of another kind; pass --threshold to set one",
+            "" if args.flip else "no-",
+            "with" if run_flip else "without",
+            run_flip,
+        )
+
+
 def _run_threshold(args) -> float:
     """The verification threshold of the network the command embeds with: WORKDIR/eval.json's
     trained one (the final step), its untrained baseline's with --untrained, or with --model
     alone the one the export contract recorded. Any other --step has no threshold of its own:
-    ValueError asking for --threshold."""
+    ValueError asking for --threshold. The threshold was measured with the run's
+    ``config.eval.flip``: a --flip / --no-flip against it is warned about."""
     if args.model and not args.workdir:
-        t = export.contract.read(args.model)["output"].get("threshold")
+        contract = export.contract.read(args.model)
+        t = contract["output"].get("threshold")
         if t is None:
             raise ValueError(f"the contract of {args.model} records no threshold; pass --threshold")
+        _warn_other_flip(args, export.contract.run_config(contract))
         return float(t)
+    _warn_other_flip(args, checkpoints.load_config(args.workdir))
     if args.untrained:
         return report.run_threshold(args.workdir, "untrained")
     final = checkpoints.load_config(args.workdir).train.num_steps
@@ -223,7 +240,8 @@ def cmd_evaluate(args, load) -> dict:
     if args.head_train:  # A logistic-regression pair scorer fitted on other identities.
         fit = embedder.embed_set(_list_images(args, "head_train"), **options)
         head = similarity_head.fit_similarity_head(fit.embeddings, fit.labels, seed=args.seed)
-    info: dict[str, Any] = {"flip": args.flip, "fingerprint": embedder.fingerprint}
+    flip = embedder.flip if args.flip is None else args.flip
+    info: dict[str, Any] = {"flip": flip, "fingerprint": embedder.fingerprint}
     if p is not None:
         emb, _ = embedder.embed_files(None, p.paths, **options)
         rep, name = report.evaluate_pairs(emb, p, settings, head), _stem(p.source)
@@ -293,7 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--step", type=int, default=None, help="checkpoint step (default: last)")
     common.add_argument("--untrained", action="store_true", help="the run's step-0 network")
     common.add_argument("--batch-size", type=int, help="default: the run's config.eval.batch_size")
-    common.add_argument("--flip", action="store_true", help="add the mirror image's embedding")
+    common.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="add the mirror image's embedding (default: the run's config.eval.flip)",
+    )
     common.add_argument("--crop", choices=spec.CROPS, help="default: the run's config.data.crop")
     common.add_argument("--group-depth", type=int, default=0, help="group folder levels (BFW: 1)")
     common.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -421,9 +444,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(usage.error_line(message, hint=False), file=sys.stderr)
         return usage.USAGE_ERROR
     try:
-        if args.workdir:
-            _check_workdir(args.workdir)
-        result = COMMANDS[args.command](args, functools.partial(_load_embedder, args))
+        # stdout holds the result alone (one JSON object with --json): what libraries print
+        # meanwhile (tfds announces the folder it prepares) goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            if args.workdir:
+                _check_workdir(args.workdir)
+            result = COMMANDS[args.command](args, functools.partial(_load_embedder, args))
     except USER_ERRORS as e:
         if args.verbosity >= 1:
             raise

@@ -264,6 +264,15 @@ class Embedder:
         return self.spec.image_shape
 
     @property
+    def flip(self) -> bool:
+        """The run's test-time mirror averaging (``config.eval.flip``; False for runs older
+        than the field): what every ``embed*`` call does when not told ``flip=``."""
+        return bool(self.config.eval.get("flip", False))
+
+    def _flip(self, flip: bool | None) -> bool:
+        return self.flip if flip is None else bool(flip)
+
+    @property
     def embedding_dim(self) -> int:
         return int(self.config.model.embedding_dim)
 
@@ -282,12 +291,14 @@ class Embedder:
         return np.asarray(parallel.gather_to_host(emb)[:n], np.float32)
 
     def embed(
-        self, images: np.ndarray, batch_size: int | None = None, flip: bool = False
+        self, images: np.ndarray, batch_size: int | None = None, flip: bool | None = None
     ) -> np.ndarray:
         """images [N, H, W, C] float32 in [-1, 1] -> [N, d] float32 unit vectors.
 
-        ``batch_size`` (default ``config.eval.batch_size``) images per forward pass.
+        ``batch_size`` (default ``config.eval.batch_size``) images per forward pass; ``flip``
+        (default the run's, ``self.flip``) adds the mirror image's embedding.
         """
+        flip = self._flip(flip)
         images = np.asarray(images, np.float32)
         if images.ndim != 4 or images.shape[1:] != self.image_shape:
             raise ValueError(
@@ -310,7 +321,7 @@ class Embedder:
         paths: Sequence[str],
         *,
         batch_size: int | None = None,
-        flip: bool = False,
+        flip: bool | None = None,
         crop: str | None = None,
         skip_bad: bool = False,
         progress: bool = False,
@@ -329,7 +340,7 @@ class Embedder:
         from tqdm.auto import tqdm
 
         spec = self.data_spec(crop)
-        b = batch_size or self.batch_size
+        b, flip = batch_size or self.batch_size, self._flip(flip)
         ok = np.ones(len(paths), bool)
         out = []
         bar = tqdm(
@@ -380,7 +391,7 @@ class Embedder:
         split: str,
         *,
         batch_size: int | None = None,
-        flip: bool = False,
+        flip: bool | None = None,
         progress: bool = False,
     ) -> ImageSet:
         """Embeds every image of a ``FaceDataset`` split once (its padding rows dropped).
@@ -391,7 +402,7 @@ class Embedder:
         """
         from tqdm.auto import tqdm
 
-        n_dev = self.mesh.devices.size
+        n_dev, flip = self.mesh.devices.size, self._flip(flip)
         b = -(-(batch_size or self.batch_size) // n_dev) * n_dev
         info = dataset.split_info(split)  # Unknown split names fail here, naming the valid ones.
         embs, labels, groups = [], [], []

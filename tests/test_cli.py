@@ -521,3 +521,51 @@ def test_cli_errors_name_cli_arguments_and_hide_tracebacks(workdir, tree, tmp_pa
     assert "random.npz" in line and "allow_pickle" not in line
     with pytest.raises(ValueError, match="5 embeddings but 12 names"):  # The traceback, asked.
         cli.main([*args, "--verbosity", "1"])
+
+
+def test_the_runs_eval_flip_is_every_commands_default(workdir, tree, capsys, caplog, tmp_path):
+    # The same weights with config.eval.flip = True (a copy of the run): its commands average
+    # with the mirror image unless told --no-flip, exactly as --flip / nothing on the original.
+    flipping = str(tmp_path / "flipping_run")
+    shutil.copytree(workdir, flipping)
+    with open(os.path.join(flipping, "config.json")) as f:
+        config = json.load(f)
+    assert config["eval"]["flip"] is False  # The smoke run keeps the default.
+    config["eval"]["flip"] = True
+    with open(os.path.join(flipping, "config.json"), "w") as f:
+        json.dump(config, f)
+    args = ["evaluate", "--root", str(tree / "flat"), "--output-dir", str(tmp_path / "out")]
+    default = run([*args, "--workdir", flipping], capsys)
+    mirrored = run([*args, "--workdir", workdir, "--flip"], capsys)
+    off = run([*args, "--workdir", flipping, "--no-flip"], capsys)
+    plain = run([*args, "--workdir", workdir], capsys)
+    assert default["flip"] and mirrored["flip"] and not off["flip"] and not plain["flip"]
+    assert default["verification"] == mirrored["verification"]
+    assert off["verification"] == plain["verification"]
+    assert default["verification"] != plain["verification"]
+    # verify applies the run's threshold, measured in the run's mode: another mode is warned of.
+    pair = ["verify", "--workdir", flipping, image(tree, 0, 1), image(tree, 0, 2)]
+    with caplog.at_level("WARNING", logger="facenet_jax.cli"):
+        run(pair, capsys)
+        assert "mirror averaging" not in caplog.text
+        run([*pair, "--no-flip"], capsys)
+    assert "the run's threshold was measured with mirror averaging" in caplog.text
+
+
+def test_stdout_holds_only_the_json_while_libraries_print(workdir, capsys, monkeypatch, tmp_path):
+    # tfds prints "Downloading and preparing dataset ..." on stdout when a folder is prepared:
+    # with --json the output must still be one JSON object, the library's line on stderr.
+    real = inference.run_dataset
+
+    def chatty(config, root=None):
+        print("Downloading and preparing dataset (a library's print)")
+        return real(config, root)
+
+    monkeypatch.setattr(inference, "run_dataset", chatty)
+    out = ["--output-dir", str(tmp_path / "o")]
+    m = run(["evaluate", "--workdir", workdir, "--split", "test", *out], capsys)
+    assert m["split"] == "test"
+    code = cli.main(["evaluate", "--workdir", workdir, "--split", "test", "--json", *out])
+    captured = capsys.readouterr()
+    assert code == 0 and "a library's print" in captured.err
+    assert json.loads(captured.out)["split"] == "test"

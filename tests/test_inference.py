@@ -84,6 +84,25 @@ def test_flip_is_the_normalised_sum_of_image_and_mirror(embedder):
     np.testing.assert_allclose(embedder.embed(x, flip=True), want, atol=2e-6)
 
 
+def test_the_runs_eval_flip_is_the_default_and_an_argument_overrides_it(config, embedder):
+    x = np.random.default_rng(4).uniform(-1, 1, (5, 16, 16, 1)).astype(np.float32)
+    plain, mirrored = embedder.embed(x, flip=False), embedder.embed(x, flip=True)
+    assert not embedder.flip  # The smoke config keeps the default, config.eval.flip = False.
+    np.testing.assert_array_equal(embedder.embed(x), plain)
+    assert np.abs(plain - mirrored).max() > 1e-3  # The two modes differ on random images.
+    flipping = config.copy_and_resolve_references()
+    flipping.eval.flip = True
+    variables = jax.device_get(embedder.variables)
+    weights = (variables["params"], variables["batch_stats"])
+    other = inference.Embedder(flipping, *weights, step=0)
+    assert other.flip
+    np.testing.assert_allclose(other.embed(x), mirrored, atol=1e-6)
+    np.testing.assert_allclose(other.embed(x, flip=False), plain, atol=1e-6)
+    old = config.copy_and_resolve_references()  # A run saved before the field existed.
+    del old.eval["flip"]
+    assert not inference.Embedder(old, *weights, step=0).flip
+
+
 def write_tree(root):
     """ROOT/<person>/<file>: a 16-bit grey PNG, an RGB JPEG, a palette GIF, and a text file."""
     rng = np.random.default_rng(3)

@@ -11,7 +11,8 @@ same preprocessing (``DataSpec``) from the run's config:
                  "float32", "value_range": [-1, 1], "scaling": "x = pixel / 255 * 2 - 1",
                  "color", "crop", "resize", ...},
       "output": {"name": "embeddings", "shape": [null, d], "l2_normalised": true,
-                 "distance": ..., "threshold": the run's verification threshold or null},
+                 "distance": ..., "threshold": the run's verification threshold or null,
+                 "test_time_flip": the run's config.eval.flip, "test_time_flip_means"},
       "quantization", "exporter": {route, versions}, "config": the run's whole config,
     }
 
@@ -114,6 +115,10 @@ def build(
             "l2_normalised": True,
             "distance": "squared Euclidean ||a - b||^2 in [0, 4]; same person iff <= threshold",
             "threshold": threshold,
+            # config.eval.flip: the run embeds (and measured its threshold) with mirror averaging.
+            "test_time_flip": embedder.flip,
+            "test_time_flip_means": "embedding = l2_normalize(f(x) + f(x[:, :, ::-1])) when true "
+            "(x mirrored left-right, NHWC); f(x) alone when false",
         },
         "quantization": quantization,
         "exporter": exporter,
@@ -176,4 +181,6 @@ def describe(contract: dict[str, Any], path: str) -> str:
         f"  output: {out['name']} [N, {out['shape'][1]}] float32, L2-normalised; threshold "
         f"{out['threshold']} on the squared distance",
     ]
+    if out.get("test_time_flip"):
+        lines.append(f"  flip:   {out['test_time_flip_means']} (the threshold assumes it)")
     return "\n".join(lines)

@@ -31,6 +31,11 @@ def test_states_the_preprocessing(embedder, exported):
     assert (c["artefact_bytes"], c["artefact_sha256"]) == (size, sha)
     text = contract.describe(c, out)
     assert embedder.fingerprint in text and "[Nx16x16x1]" in text and "0.75" in text
+    assert outp["test_time_flip"] is False and "flip:" not in text  # config.eval.flip's default.
+    flipping = c | {"output": outp | {"test_time_flip": True}}
+    assert "flip:   embedding = l2_normalize(f(x) + f(x[:, :, ::-1]))" in contract.describe(
+        flipping, out
+    )
 
 
 def test_bad_contracts_are_named(exported, tmp_path):
