@@ -7,7 +7,8 @@ The same data, alignment, backbone and loss as ``configs/bfw.py``, with a short 
 Measured 2026-12-01 on the quiet 2-core CPU: 7 min 58 s for the whole command (prepared records,
 landmark cache and JAX's compilation cache warm from a configs/bfw.py run; compiling from cold
 adds ~3 min). Re-run with session 7's code: held-out 10-fold 0.780 with impostors from any
-identity (untrained 0.572), AUC 0.858 (docs/results.md).
+identity (untrained 0.572), AUC 0.858 (docs/results.md); with the mirror averaging it inherits
+from configs/bfw.py (``eval.flip``, same weights) 0.783, AUC 0.861.
 """
 
 from configs import bfw

@@ -9,6 +9,8 @@
 # under $DATA. Outputs: JSON and PNG files under $OUT/<name>/ (never inside the repository).
 # Runs one evaluation at a time (the machine this was written on has 2 shared CPU cores).
 # UNTRAINED=0 skips the untrained baselines of omniglot and omniglot_within (ablation runs).
+# Face rows are measured without mirror averaging (--no-flip) and, in *_flip, with it, whatever
+# the run's config.eval.flip (the CLI's default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -99,12 +101,13 @@ BFW_TRAIN_FLAT="$OUT/trees/bfw_train_flat"
 
 if want bfw; then
   # Held-out BFW identities, per group; the similarity head is fitted on the training identities.
-  evaluate bfw_heldout "$BFW_RUN" --root "$BFW_TEST" --group-depth 1 --head-train "$BFW_TRAIN"
+  evaluate bfw_heldout "$BFW_RUN" --no-flip --root "$BFW_TEST" --group-depth 1 --head-train "$BFW_TRAIN"
   evaluate bfw_heldout_flip "$BFW_RUN" --root "$BFW_TEST" --group-depth 1 --flip
-  evaluate bfw_heldout_untrained "$BFW_RUN" --untrained --root "$BFW_TEST" --group-depth 1
+  evaluate bfw_heldout_untrained "$BFW_RUN" --untrained --no-flip --root "$BFW_TEST" --group-depth 1
   # Impostors from any identity (not only the same group): the training run's eval.json protocol.
-  evaluate bfw_heldout_any_impostor "$BFW_RUN" --root "$BFW_TEST_FLAT" --head-train "$BFW_TRAIN_FLAT"
-  evaluate bfw_heldout_any_impostor_untrained "$BFW_RUN" --untrained --root "$BFW_TEST_FLAT"
+  evaluate bfw_heldout_any_impostor "$BFW_RUN" --no-flip --root "$BFW_TEST_FLAT" --head-train "$BFW_TRAIN_FLAT"
+  evaluate bfw_heldout_any_impostor_flip "$BFW_RUN" --flip --root "$BFW_TEST_FLAT"
+  evaluate bfw_heldout_any_impostor_untrained "$BFW_RUN" --untrained --no-flip --root "$BFW_TEST_FLAT"
 fi
 
 if want wild; then
@@ -112,26 +115,31 @@ if want wild; then
   # photos, one pairs.txt (10 identity-disjoint folds) for the photos and the tight crops.
   "$PY" experiments/make_wild_pairs.py --root "$BFW_TEST_FLAT" --out "$OUT/wild_set"
   for kind in wild tight; do
-    evaluate "${kind}_pairs" "$BFW_RUN" --pairs "$OUT/wild_set/$kind/pairs.txt" --root "$OUT/wild_set/$kind"
-    evaluate "${kind}_pairs_untrained" "$BFW_RUN" --untrained --pairs "$OUT/wild_set/$kind/pairs.txt" \
+    evaluate "${kind}_pairs" "$BFW_RUN" --no-flip --pairs "$OUT/wild_set/$kind/pairs.txt" --root "$OUT/wild_set/$kind"
+    evaluate "${kind}_pairs_untrained" "$BFW_RUN" --untrained --no-flip --pairs "$OUT/wild_set/$kind/pairs.txt" \
       --root "$OUT/wild_set/$kind"
   done
-  evaluate wild_pairs_flip "$BFW_RUN" --flip --pairs "$OUT/wild_set/wild/pairs.txt" --root "$OUT/wild_set/wild"
+  for kind in wild tight; do
+    evaluate "${kind}_pairs_flip" "$BFW_RUN" --flip --pairs "$OUT/wild_set/$kind/pairs.txt" \
+      --root "$OUT/wild_set/$kind"
+  done
 fi
 
 if want bfw_all; then
   # All 800 BFW identities (90% were seen in training or validation): context, not a test.
-  evaluate bfw_all_identities "$BFW_RUN" --root "$DATA/bfw" --group-depth 1
+  evaluate bfw_all_identities "$BFW_RUN" --no-flip --root "$DATA/bfw" --group-depth 1
 fi
 
 if want yale; then
-  evaluate yale "$BFW_RUN" --root "$DATA/extended_yaleb/CroppedYale" --head-train "$BFW_TRAIN_FLAT"
-  evaluate yale_untrained "$BFW_RUN" --untrained --root "$DATA/extended_yaleb/CroppedYale"
+  evaluate yale "$BFW_RUN" --no-flip --root "$DATA/extended_yaleb/CroppedYale" --head-train "$BFW_TRAIN_FLAT"
+  evaluate yale_flip "$BFW_RUN" --flip --root "$DATA/extended_yaleb/CroppedYale"
+  evaluate yale_untrained "$BFW_RUN" --untrained --no-flip --root "$DATA/extended_yaleb/CroppedYale"
 fi
 
 if want orl; then
-  evaluate orl "$BFW_RUN" --root "$DATA/orl" --head-train "$BFW_TRAIN_FLAT"
-  evaluate orl_untrained "$BFW_RUN" --untrained --root "$DATA/orl"
+  evaluate orl "$BFW_RUN" --no-flip --root "$DATA/orl" --head-train "$BFW_TRAIN_FLAT"
+  evaluate orl_flip "$BFW_RUN" --flip --root "$DATA/orl"
+  evaluate orl_untrained "$BFW_RUN" --untrained --no-flip --root "$DATA/orl"
 fi
 
 if want omniglot; then
