@@ -94,6 +94,14 @@ def _warn_other_flip(args, config) -> None:
         )
 
 
+def _gallery_fingerprint(args, embedder) -> str:
+    """What a gallery's templates are valid with: the model's fingerprint, + "+flip" when they
+    are mirror-averaged (the run's config.eval.flip or --flip), so probes embedded the other way
+    are refused."""
+    flip = embedder.flip if args.flip is None else args.flip
+    return embedder.fingerprint + ("+flip" if flip else "")
+
+
 def _run_threshold(args) -> float:
     """The verification threshold of the network the command embeds with: WORKDIR/eval.json's
     trained one (the final step), its untrained baseline's with --untrained, or with --model
@@ -174,7 +182,9 @@ def cmd_enroll(args, load) -> dict:
         threshold = args.threshold if args.threshold is not None else _run_threshold(args)
     embedder = load()
     people = embedder.embed_set(images, **_embed_options(args))
-    gallery = identification.enrol(people.embeddings, people.names, embedder.fingerprint, threshold)
+    gallery = identification.enrol(
+        people.embeddings, people.names, _gallery_fingerprint(args, embedder), threshold
+    )
     out: dict[str, Any] = {}
     if strangers is not None:
         cal = embedder.embed_set(strangers, **_embed_options(args))
@@ -198,7 +208,7 @@ def cmd_enroll(args, load) -> dict:
 def cmd_identify(args, load) -> dict:
     gallery = identification.Gallery.load(args.gallery)
     embedder = load()
-    gallery.check_fingerprint(embedder.fingerprint, args.gallery)
+    gallery.check_fingerprint(_gallery_fingerprint(args, embedder), args.gallery)
     emb, _ = embedder.embed_files(None, args.images, **_embed_options(args))
     res = identification.identify(gallery, emb, args.threshold)
     found = zip(args.images, res.names, res.nearest, res.distance, res.accepted, strict=True)

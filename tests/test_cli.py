@@ -569,3 +569,19 @@ def test_stdout_holds_only_the_json_while_libraries_print(workdir, capsys, monke
     captured = capsys.readouterr()
     assert code == 0 and "a library's print" in captured.err
     assert json.loads(captured.out)["split"] == "test"
+
+
+def test_a_gallery_is_used_only_with_probes_embedded_its_way(workdir, tree, capsys, tmp_path):
+    # Mirror-averaged templates are another embedding: probes must be embedded the same way.
+    staff = tmp_path / "staff"
+    staff.mkdir()
+    for k in range(3):
+        shutil.copy(image(tree, k, 1), staff / f"Person_{k}.jpg")
+    gal = str(tmp_path / "flipped.npz")
+    enrol = ["enroll", str(staff), "--workdir", workdir, "--out", gal, "--threshold", "0.5"]
+    run([*enrol, "--flip"], capsys)
+    probe = ["identify", image(tree, 1, 1), "--workdir", workdir, "--gallery", gal]
+    line = fails([*probe, "--json"], capsys)
+    assert "+flip" in line and "re-enrol" in line
+    (found,) = run([*probe, "--flip"], capsys)["results"]
+    assert found["name"] == "Person_1" and found["distance"] < 1e-6  # The enrolled photo itself.
