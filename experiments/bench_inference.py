@@ -180,7 +180,8 @@ def main(argv):
         print(
             f"{len(paths)} photos 250x250, model {config.model.name} "
             f"at {config.data.image_size}px, "
-            f"batch {embedder.batch_size}, {os.cpu_count()} cores, load average "
+            f"batch {embedder.batch_size}, mirror averaging (config.eval.flip) {embedder.flip}, "
+            f"{os.cpu_count()} cores, load average "
             f"{load[0]:.1f} (1 min)"
         )
         for crop in FLAGS.crops:
