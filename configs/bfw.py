@@ -14,8 +14,8 @@ Measured (docs/results.md, 2026-12-01, the quiet 2-core CPU): the whole command 
 (2,800 steps at ~1.85 s, compiling and evaluation included; prepared records and landmark cache
 warm) and reaches, on the 80 held-out identities, 10-fold 0.868 with impostors from any
 identity, 0.724 within the demographic group, TAR 0.168 at FAR 1e-3, ORL 0.952; evaluated with
-mirror averaging (``eval.flip``, set since; the same weights): 0.870, 0.727, 0.183, 0.953, which
-is what the run's report now gives. Chosen from the
+mirror averaging (``eval.flip``, set since; the same weights): 0.870, 0.727, 0.183, 0.953 (the
+run's own report is the any-identity protocol: 0.870). Chosen from the
 backbones' measured cost (docs/ablations.md, "BFW recipe search": MobileFaceNet's depthwise
 convolutions were ~4x slower per image than IR-18 width 16 on XLA:CPU) and short probes. The
 2,200-step schedule before it (83 min) reached 0.867 / 0.712 / 0.129 / 0.945: 27 % more steps

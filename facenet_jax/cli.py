@@ -98,8 +98,7 @@ def _gallery_fingerprint(args, embedder) -> str:
     """What a gallery's templates are valid with: the model's fingerprint, + "+flip" when they
     are mirror-averaged (the run's config.eval.flip or --flip), so probes embedded the other way
     are refused."""
-    flip = embedder.flip if args.flip is None else args.flip
-    return embedder.fingerprint + ("+flip" if flip else "")
+    return embedder.fingerprint + ("+flip" if embedder.resolve_flip(args.flip) else "")
 
 
 def _run_threshold(args) -> float:
@@ -115,10 +114,11 @@ def _run_threshold(args) -> float:
             raise ValueError(f"the contract of {args.model} records no threshold; pass --threshold")
         _warn_other_flip(args, export.contract.run_config(contract))
         return float(t)
-    _warn_other_flip(args, checkpoints.load_config(args.workdir))
+    config = checkpoints.load_config(args.workdir)
+    _warn_other_flip(args, config)
     if args.untrained:
         return report.run_threshold(args.workdir, "untrained")
-    final = checkpoints.load_config(args.workdir).train.num_steps
+    final = config.train.num_steps
     if args.step is not None and args.step != final:
         raise ValueError(
             f"--step {args.step}: {args.workdir}/eval.json holds the threshold of the final "
@@ -250,8 +250,10 @@ def cmd_evaluate(args, load) -> dict:
     if args.head_train:  # A logistic-regression pair scorer fitted on other identities.
         fit = embedder.embed_set(_list_images(args, "head_train"), **options)
         head = similarity_head.fit_similarity_head(fit.embeddings, fit.labels, seed=args.seed)
-    flip = embedder.flip if args.flip is None else args.flip
-    info: dict[str, Any] = {"flip": flip, "fingerprint": embedder.fingerprint}
+    info: dict[str, Any] = {
+        "flip": embedder.resolve_flip(args.flip),
+        "fingerprint": embedder.fingerprint,
+    }
     if p is not None:
         emb, _ = embedder.embed_files(None, p.paths, **options)
         rep, name = report.evaluate_pairs(emb, p, settings, head), _stem(p.source)

@@ -269,7 +269,9 @@ class Embedder:
         than the field): what every ``embed*`` call does when not told ``flip=``."""
         return bool(self.config.eval.get("flip", False))
 
-    def _flip(self, flip: bool | None) -> bool:
+    def resolve_flip(self, flip: bool | None) -> bool:
+        """``flip`` as given, or the run's (``self.flip``) when None: what an ``embed*`` call
+        with that ``flip=`` does."""
         return self.flip if flip is None else bool(flip)
 
     @property
@@ -298,7 +300,7 @@ class Embedder:
         ``batch_size`` (default ``config.eval.batch_size``) images per forward pass; ``flip``
         (default the run's, ``self.flip``) adds the mirror image's embedding.
         """
-        flip = self._flip(flip)
+        flip = self.resolve_flip(flip)
         images = np.asarray(images, np.float32)
         if images.ndim != 4 or images.shape[1:] != self.image_shape:
             raise ValueError(
@@ -340,7 +342,7 @@ class Embedder:
         from tqdm.auto import tqdm
 
         spec = self.data_spec(crop)
-        b, flip = batch_size or self.batch_size, self._flip(flip)
+        b, flip = batch_size or self.batch_size, self.resolve_flip(flip)
         ok = np.ones(len(paths), bool)
         out = []
         bar = tqdm(
@@ -402,7 +404,7 @@ class Embedder:
         """
         from tqdm.auto import tqdm
 
-        n_dev, flip = self.mesh.devices.size, self._flip(flip)
+        n_dev, flip = self.mesh.devices.size, self.resolve_flip(flip)
         b = -(-(batch_size or self.batch_size) // n_dev) * n_dev
         info = dataset.split_info(split)  # Unknown split names fail here, naming the valid ones.
         embs, labels, groups = [], [], []

@@ -131,7 +131,7 @@ def test_rotation_classes_multiply_the_identities_p_is_checked_against(turns):
     splits.check_listing(labels, None, spec, "test", what="faces/")  # Does not raise.
     parts = splits.split_for_spec(labels, np.zeros_like(labels), spec)
     by_identity = sampling.group_by_label(labels[parts["train"]], 4).values()
-    entries = [idx * turns + r for idx in by_identity for r in range(turns)]
+    entries = [sampling.turned(idx, r, turns) for idx in by_identity for r in range(turns)]
     batch = sampling.pk_batch_indices(entries, p=9 * turns, k=4, seed=0, step=0)
     assert len(np.unique(batch.reshape(9 * turns, 4)[:, 0] % turns)) == turns  # All turns drawn.
     too_many = dataclasses.replace(spec, identities_per_batch=9 * turns + 1)
