@@ -43,9 +43,12 @@ def test_plain_onnxruntime(exported, embedder, digits):
     np.testing.assert_allclose(got, embedder.embed(images[:5]), rtol=0, atol=1e-5)
 
 
-def test_plain_python_example_in_docs(exported, digits, tmp_path, monkeypatch):
+@pytest.mark.parametrize("flip", [False, True])
+def test_plain_python_example_in_docs(exported, digits, tmp_path, monkeypatch, flip):
     """docs/export.md's example (onnxruntime, NumPy and Pillow only) on two 16x16 PNGs gives
-    the package's embeddings of the same files."""
+    the package's embeddings of the same files, with and without the contract's mirror
+    averaging (``test_time_flip``)."""
+    import json
     import shutil
 
     from PIL import Image
@@ -53,6 +56,11 @@ def test_plain_python_example_in_docs(exported, digits, tmp_path, monkeypatch):
     images, _ = digits
     for name in ("model.onnx", "model.onnx.json"):
         shutil.copy(os.path.join(os.path.dirname(exported[0]), name), tmp_path / name)
+    with open(tmp_path / "model.onnx.json") as f:
+        contract = json.load(f)
+    contract["output"]["test_time_flip"] = flip
+    with open(tmp_path / "model.onnx.json", "w") as f:
+        json.dump(contract, f)
     for name, x in (("a.png", images[0]), ("b.png", images[25])):
         Image.fromarray(((x[:, :, 0] + 1) * 127.5).round().astype(np.uint8)).save(tmp_path / name)
     docs = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "export.md")
@@ -61,11 +69,12 @@ def test_plain_python_example_in_docs(exported, digits, tmp_path, monkeypatch):
     section = text[text.index("## Using the ONNX model from plain Python") :]
     start = section.index("```python\n") + 10
     code = section[start : section.index("\n```", start)]
-    # The issue's "10-line example": lines of code (ruff's formatter adds blank lines around `def`).
-    assert len([line for line in code.splitlines() if line.strip()]) <= 12
+    # The issue's "10-line example" plus the 3 lines of mirror averaging: lines of code (ruff's
+    # formatter adds blank lines around `def`).
+    assert len([line for line in code.splitlines() if line.strip()]) <= 14
     monkeypatch.chdir(tmp_path)
     namespace = {}
     exec(compile(code, "docs/export.md", "exec"), namespace)
-    want, _ = export.load("model.onnx").embed_files(None, ["a.png", "b.png"])
+    want, _ = export.load("model.onnx").embed_files(None, ["a.png", "b.png"], flip=flip)
     np.testing.assert_allclose(namespace["emb"], want, rtol=0, atol=1e-5)
     assert namespace["d"] == pytest.approx(float(np.sum((want[0] - want[1]) ** 2)), abs=1e-5)
