@@ -54,6 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
     data.affine_scale = 0.1  # affine: zoom drawn log-uniform from [1 / (1 + s), 1 + s].
     data.rotation_classes = 1  # R in 1 | 2 | 4: each training identity also trains as R - 1 new
     # identities, its images turned by k * 360 / R degrees (Vinyals et al. 2016; characters only).
+    data.groups_per_batch = 0  # G: each batch's P identities come from G groups, P / G each
+    # (G = 1: within-group negatives only, as within-group impostors test); 0 = ignore groups.
     data.num_workers = 0  # Grain worker processes for decoding (0 = in the main process).
     data.prefetch = 2  # Batches prefetched ahead of the train step.
 

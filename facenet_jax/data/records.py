@@ -13,6 +13,8 @@ augmentation seeding, padding and grain's worker processes exist once for all so
 * ``spec.rotation_classes`` R > 1 (Omniglot's customary class augmentation, Vinyals et al. 2016):
   training identity i is sampled as R identities, the r-th with its images turned by r * 360 / R
   degrees (``np.rot90``, before augmentation) and labelled i * R + r; evaluation is unchanged;
+* ``spec.groups_per_batch`` G >= 1: the P identities of a batch come from G groups, P / G each
+  (a turned identity keeps its identity's group), so the miner's negatives are within-group;
 * ``eval_batches``: every record of a split once, in record order, unaugmented, the last batch
   padded with ``IGNORE_LABEL`` / group -1;
 * decoding, cropping and augmentation run in ``spec.num_workers`` grain worker processes (each
@@ -91,6 +93,7 @@ class _TrainBatch:
     decode: Decoder
     labels: np.ndarray
     by_identity: list[np.ndarray]
+    identity_groups: np.ndarray  # [len(by_identity)] group of each sampled identity.
     spec: DataSpec
     seed: int
     rows: slice
@@ -105,6 +108,8 @@ class _TrainBatch:
             seed=self.seed,
             step=step,
             replace=s.sample_with_replacement,
+            identity_groups=self.identity_groups,
+            groups_per_batch=s.groups_per_batch,
         )
 
     def __call__(self, step: int) -> Batch:
@@ -234,10 +239,14 @@ class RecordDataset:
         by_identity = sampling.group_by_label(train_labels, spec.min_images).values()
         # rotation_classes R: identity i is R sampled identities, entry record * R + r in the
         # r-th (its images turned r * 360 / R degrees, label i * R + r; _TrainBatch decodes it).
+        # A turned identity stays in its identity's group (groups_per_batch).
         turns = spec.rotation_classes
         self._by_identity = [
             sampling.turned(idx, r, turns) for idx in by_identity for r in range(turns)
         ]
+        self._identity_groups = np.repeat(
+            np.asarray([self.groups[idx[0]] for idx in by_identity], np.int64), turns
+        )
         self._report()
 
     def _report(self) -> None:
@@ -270,18 +279,24 @@ class RecordDataset:
         """This process's share of the global PK batch of every step from ``start_step`` on."""
         import grain
 
-        fn = _TrainBatch(
-            source=self.source,
-            decode=self.decode,
-            labels=self.labels,
-            by_identity=self._by_identity,
-            spec=self.spec,
-            seed=self.seed,
-            rows=sampling.process_slice(self.spec.batch_size, process_index, process_count),
+        fn = self._train_batch(
+            sampling.process_slice(self.spec.batch_size, process_index, process_count)
         )
         fn.indices(start_step)  # Fail here, not in a worker, when P or K cannot be met.
         steps = grain.MapDataset.range(start_step, sys.maxsize).map(fn)
         return _iterate(steps, self.spec.num_workers, self.spec.prefetch)
+
+    def _train_batch(self, rows: slice) -> _TrainBatch:
+        return _TrainBatch(
+            source=self.source,
+            decode=self.decode,
+            labels=self.labels,
+            by_identity=self._by_identity,
+            identity_groups=self._identity_groups,
+            spec=self.spec,
+            seed=self.seed,
+            rows=rows,
+        )
 
     def eval_batches(self, split: str, batch_size: int) -> Iterator[Batch]:
         """Every image of ``split`` once, in record order; the last batch padded."""
@@ -304,6 +319,8 @@ class RecordDataset:
         splits.check_feasible(
             self.labels, self.groups, self.spec, eval_split, self.splits, what=str(what)
         )
+        if self.spec.groups_per_batch:  # Enough groups of P / G identities: the sampler says.
+            self._train_batch(slice(0, self.spec.batch_size)).indices(0)
 
     def split_info(self, split: str) -> dict[str, Any]:
         idx = self._split(split)

@@ -44,6 +44,8 @@ def pk_batch_indices(
     seed: int,
     step: int,
     replace: bool = True,
+    identity_groups: Sequence[int] | np.ndarray | None = None,
+    groups_per_batch: int = 0,
 ) -> np.ndarray:
     """Indices of the global PK batch for one training step.
 
@@ -53,6 +55,12 @@ def pk_batch_indices(
     replacement after taking every image once. With ``replace=False`` identities with fewer than
     K images are never drawn.
 
+    With ``groups_per_batch`` G >= 1 (``config.data.groups_per_batch``) the P identities come
+    from G groups (demographic groups, alphabets): G distinct groups drawn uniformly among those
+    with >= P / G eligible identities, then P / G identities of each, group-major. Every negative
+    the miner sees is then from one of G groups: G = 1 trains on within-group impostors only.
+    G = 0 ignores groups (and draws exactly the batches it drew before the option existed).
+
     Args:
       identity_to_indices: for each identity, the dataset indices of its images.
       p: identities per batch (P).
@@ -60,6 +68,8 @@ def pk_batch_indices(
       seed: run seed.
       step: training step; the batch is a pure function of (seed, step).
       replace: whether identities with < K images may be sampled (with repeated images).
+      identity_groups: [len(identity_to_indices)] int group of each identity (G >= 1 only).
+      groups_per_batch: G; 0 = ignore groups. P must be divisible by G.
 
     Returns:
       [P*K] int64 dataset indices.
@@ -74,7 +84,13 @@ def pk_batch_indices(
             + ("" if replace else " or images_per_identity, or set sample_with_replacement=True")
         )
     rng = np.random.default_rng([seed, step, 0x9E3779B9])
-    chosen = rng.choice(len(eligible), size=p, replace=False)
+    if groups_per_batch:
+        if identity_groups is None or len(identity_groups) != len(identity_to_indices):
+            raise ValueError("groups_per_batch needs the group of every identity")
+        groups = np.asarray(identity_groups)[eligible]
+        chosen = _grouped_choice(rng, groups, p, groups_per_batch)
+    else:
+        chosen = rng.choice(len(eligible), size=p, replace=False)
     out = np.empty((p, k), dtype=np.int64)
     for row, c in enumerate(chosen):
         idx = np.asarray(identity_to_indices[eligible[c]])
@@ -84,6 +100,30 @@ def pk_batch_indices(
             extra = rng.choice(idx, size=k - len(idx), replace=True)
             out[row] = rng.permutation(np.concatenate([idx, extra]))
     return out.reshape(-1)
+
+
+def _grouped_choice(rng: np.random.Generator, groups: np.ndarray, p: int, g: int) -> np.ndarray:
+    """[P] positions into ``groups`` (the eligible identities' groups): P / G from each of G
+    distinct groups, drawn uniformly among the groups with >= P / G identities."""
+    if p % g:
+        raise ValueError(
+            f"identities_per_batch (P) = {p} is not divisible by config.data.groups_per_batch "
+            f"(G) = {g}: each of the G groups gives P / G identities"
+        )
+    per = p // g
+    names, counts = np.unique(groups, return_counts=True)
+    able = names[counts >= per]
+    if len(able) < g:
+        have = ", ".join(f"group {n}: {c}" for n, c in zip(names, counts, strict=True))
+        raise ValueError(
+            f"config.data.groups_per_batch (G) = {g} draws P / G = {per} identities from each of "
+            f"G groups, but only {len(able)} groups have >= {per} drawable training identities "
+            f"({have}); lower config.data.groups_per_batch or identities_per_batch"
+        )
+    picked = rng.choice(able, size=g, replace=False)
+    return np.concatenate(
+        [rng.choice(np.flatnonzero(groups == n), size=per, replace=False) for n in picked]
+    )
 
 
 def process_slice(global_batch_size: int, process_index: int, process_count: int) -> slice:

@@ -69,6 +69,7 @@ class DataSpec:
     affine_degrees: float
     affine_scale: float
     rotation_classes: int
+    groups_per_batch: int
     num_workers: int
     prefetch: int
 
@@ -80,6 +81,7 @@ class DataSpec:
             "group_depth",
             "prepare_workers",
             "random_crop_padding",
+            "groups_per_batch",
             "num_workers",
             "prefetch",
         )
@@ -129,6 +131,13 @@ class DataSpec:
         p, k = self.identities_per_batch, self.images_per_identity
         _check(p >= 1, "identities_per_batch", "(P) must be >= 1", p)
         _check(k >= 2, "images_per_identity", "(K) must be >= 2 so anchors have positives", k)
+        g = self.groups_per_batch
+        _check(
+            g == 0 or p % g == 0,
+            "groups_per_batch",
+            f"(G) must divide identities_per_batch (P) = {p}: P / G identities from each group",
+            g,
+        )
         bad = [a for a in self.augment if a not in AUGMENTATIONS]
         _check(not bad, "augment", f"unknown augmentation(s); allowed: {list(AUGMENTATIONS)}", bad)
 

@@ -26,8 +26,9 @@ def _take(iterator, n):
     return out
 
 
-def _in_memory(**data) -> records.RecordDataset:
-    """10 identities x 5 decoded 6x6 grey images; identities 8, 9 held out as val and test."""
+def _in_memory(groups=None, **data) -> records.RecordDataset:
+    """10 identities x 5 decoded 6x6 grey images; identities 8, 9 held out as val and test;
+    ``groups``: [10] group of each identity (default: all in group 0)."""
     spec = DataSpec.from_config(default.get_config().data)
     fields = {"image_size": 6, "identities_per_batch": 4, "images_per_identity": 3, **data}
     spec = dataclasses.replace(spec, **fields)
@@ -39,9 +40,9 @@ def _in_memory(**data) -> records.RecordDataset:
         images,
         lambda x: x,
         labels=labels,
-        groups=np.zeros(50, np.int64),
+        groups=np.repeat(np.zeros(10, np.int64) if groups is None else groups, 5),
         identity_names=[str(i) for i in range(10)],
-        group_names=["all"],
+        group_names=[str(g) for g in range(10)],
         splits=splits,
         spec=spec,
         seed=3,
@@ -101,6 +102,34 @@ def test_rotation_classes_sample_turned_records_as_new_identities(turns):
     classes = objective.dataset_classes(ds)
     np.testing.assert_array_equal(classes, np.arange(8 * turns))
     assert (objective.to_class_labels(batch["label"], classes) == batch["label"]).all()
+
+
+@pytest.mark.parametrize("turns", [1, 4])
+def test_group_batches_take_each_identity_group_from_its_records(turns):
+    """Groups come from the records (identity i in group i % 2 here), turned identities keep
+    theirs: with G = 1 every row of a batch is of one group; with G = 2 half and half."""
+    parity = np.arange(10) % 2
+    ds = _in_memory(parity, augment=(), rotation_classes=turns, groups_per_batch=1)
+    ds.splits["test"] = np.arange(40, 50)  # Two held-out identities: evaluable.
+    ds.check_feasible("test")
+    both = set()
+    for batch in _take(ds.train_batches(0), 10):
+        group = (batch["label"] // turns) % 2
+        assert len(set(group.tolist())) == 1
+        both.add(int(group[0]))
+    assert both == {0, 1}
+    ds2 = _in_memory(parity, augment=(), rotation_classes=turns, groups_per_batch=2)
+    for batch in _take(ds2.train_batches(0), 5):
+        group = ((batch["label"] // turns) % 2).reshape(2, -1)
+        assert sorted(group[:, 0].tolist()) == [0, 1] and (group == group[:, :1]).all()
+
+
+def test_too_few_groups_fail_the_feasibility_check():
+    """4 training identities in one group: P = 4 from G = 2 groups cannot be drawn."""
+    ds = _in_memory(groups_per_batch=2)
+    ds.splits["test"] = np.arange(40, 50)  # Two held-out identities: evaluable.
+    with pytest.raises(ValueError, match="groups_per_batch"):
+        ds.check_feasible("test")
 
 
 def test_batches_are_deterministic_and_resume_equivalent(folder_dataset):

@@ -68,6 +68,66 @@ def test_pk_errors_name_the_fields():
         sampling.pk_batch_indices(ids, p=1, k=5, seed=0, step=0, replace=False)
 
 
+@pytest.mark.parametrize("g", [1, 2, 4])
+def test_group_batches_draw_p_over_g_identities_from_each_of_g_groups(g):
+    """Reference: split the rows into G blocks of P / G identities; each block one group, the
+    G groups distinct, every identity drawable; over many steps every able group is drawn."""
+    counts = [3, 5, 2, 4, 6, 1, 3, 3, 4, 5, 2, 2, 2, 3, 4, 5]
+    ids = _identities(counts)
+    groups = np.repeat(np.arange(4), 4)  # Identity 5 (one image) never draws.
+    owner = {int(i): n for n, idx in enumerate(ids) for i in idx}
+    p, k, per = 4, 3, 4 // g
+    seen = set()
+    for step in range(60):
+        batch = sampling.pk_batch_indices(
+            ids, p=p, k=k, seed=2, step=step, identity_groups=groups, groups_per_batch=g
+        )
+        chosen = [owner[int(batch[r * k])] for r in range(p)]
+        assert all(
+            owner[int(i)] == c for r, c in enumerate(chosen) for i in batch[r * k : (r + 1) * k]
+        )
+        assert len(set(chosen)) == p and 5 not in chosen
+        blocks = [groups[chosen[b * per : (b + 1) * per]] for b in range(g)]
+        assert all(len(set(b.tolist())) == 1 for b in blocks), "a block of P / G is one group"
+        assert len({int(b[0]) for b in blocks}) == g, "the G groups are distinct"
+        seen |= {int(b[0]) for b in blocks}
+    able = {0, 1, 2, 3} if per <= 3 else {0, 2, 3}  # Group 1 has 3 drawable identities.
+    assert seen == able
+
+
+def test_group_batches_off_draws_the_batches_of_before():
+    """G = 0 ignores the groups argument: the same batches as without it."""
+    ids = _identities([6] * 10)
+    for step in range(5):
+        np.testing.assert_array_equal(
+            sampling.pk_batch_indices(ids, p=4, k=3, seed=7, step=step),
+            sampling.pk_batch_indices(
+                ids, p=4, k=3, seed=7, step=step, identity_groups=np.arange(10) % 2
+            ),
+        )
+
+
+def test_group_batch_errors_name_the_field():
+    ids = _identities([4] * 6)
+    groups = np.array([0, 0, 0, 0, 1, 2])
+    with pytest.raises(ValueError, match="not divisible by config.data.groups_per_batch"):
+        sampling.pk_batch_indices(
+            ids, p=3, k=2, seed=0, step=0, identity_groups=groups, groups_per_batch=2
+        )
+    with pytest.raises(ValueError, match=r"groups_per_batch \(G\) = 2 .*group 1: 1"):
+        sampling.pk_batch_indices(
+            ids, p=4, k=2, seed=0, step=0, identity_groups=groups, groups_per_batch=2
+        )
+    assert (
+        len(
+            sampling.pk_batch_indices(
+                ids, p=4, k=2, seed=0, step=0, identity_groups=groups, groups_per_batch=1
+            )
+        )
+        == 8
+    )
+
+
 @pytest.mark.parametrize("count", [1, 2, 3, 4, 6, 12])
 def test_process_slices_partition_the_global_batch(count):
     rows = np.arange(12)

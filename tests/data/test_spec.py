@@ -82,6 +82,8 @@ def test_missing_and_unknown_fields_are_named():
         ("affine_degrees", -1.0, "config.data.affine_degrees: must be >= 0"),
         ("affine_scale", -0.1, "config.data.affine_scale: must be >= 0"),
         ("rotation_classes", 3, r"config.data.rotation_classes: allowed: \[1, 2, 4\]"),
+        ("groups_per_batch", -1, "config.data.groups_per_batch: must be >= 0"),
+        ("groups_per_batch", 4, r"config.data.groups_per_batch: \(G\) must divide .*\(P\) = 6"),
     ],
 )
 def test_invalid_values_are_named(field, value, match):
