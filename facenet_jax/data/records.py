@@ -93,7 +93,7 @@ class _TrainBatch:
     decode: Decoder
     labels: np.ndarray
     by_identity: list[np.ndarray]
-    identity_groups: np.ndarray  # [len(by_identity)] group of each sampled identity.
+    identity_groups: np.ndarray  # [len(by_identity)] group name of each sampled identity.
     spec: DataSpec
     seed: int
     rows: slice
@@ -244,8 +244,8 @@ class RecordDataset:
         self._by_identity = [
             sampling.turned(idx, r, turns) for idx in by_identity for r in range(turns)
         ]
-        self._identity_groups = np.repeat(
-            np.asarray([self.groups[idx[0]] for idx in by_identity], np.int64), turns
+        self._identity_groups = np.repeat(  # Names, so an error can say which groups.
+            np.asarray([self.group_names[self.groups[idx[0]]] for idx in by_identity]), turns
         )
         self._report()
 

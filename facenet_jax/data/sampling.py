@@ -68,7 +68,8 @@ def pk_batch_indices(
       seed: run seed.
       step: training step; the batch is a pure function of (seed, step).
       replace: whether identities with < K images may be sampled (with repeated images).
-      identity_groups: [len(identity_to_indices)] int group of each identity (G >= 1 only).
+      identity_groups: [len(identity_to_indices)] group of each identity, ints or names (G >= 1
+        only); an error lists them.
       groups_per_batch: G; 0 = ignore groups. P must be divisible by G.
 
     Returns:
@@ -114,11 +115,11 @@ def _grouped_choice(rng: np.random.Generator, groups: np.ndarray, p: int, g: int
     names, counts = np.unique(groups, return_counts=True)
     able = names[counts >= per]
     if len(able) < g:
-        have = ", ".join(f"group {n}: {c}" for n, c in zip(names, counts, strict=True))
+        have = ", ".join(f"{n}: {c}" for n, c in zip(names, counts, strict=True))
         raise ValueError(
             f"config.data.groups_per_batch (G) = {g} draws P / G = {per} identities from each of "
             f"G groups, but only {len(able)} groups have >= {per} drawable training identities "
-            f"({have}); lower config.data.groups_per_batch or identities_per_batch"
+            f"(per group: {have}); lower config.data.groups_per_batch or identities_per_batch"
         )
     picked = rng.choice(able, size=g, replace=False)
     return np.concatenate(

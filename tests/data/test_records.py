@@ -42,7 +42,7 @@ def _in_memory(groups=None, **data) -> records.RecordDataset:
         labels=labels,
         groups=np.repeat(np.zeros(10, np.int64) if groups is None else groups, 5),
         identity_names=[str(i) for i in range(10)],
-        group_names=[str(g) for g in range(10)],
+        group_names=[f"g{g}" for g in range(10)],
         splits=splits,
         spec=spec,
         seed=3,
@@ -125,10 +125,11 @@ def test_group_batches_take_each_identity_group_from_its_records(turns):
 
 
 def test_too_few_groups_fail_the_feasibility_check():
-    """4 training identities in one group: P = 4 from G = 2 groups cannot be drawn."""
+    """8 training identities in one group: P = 4 from G = 2 groups cannot be drawn; the error
+    names the groups."""
     ds = _in_memory(groups_per_batch=2)
     ds.splits["test"] = np.arange(40, 50)  # Two held-out identities: evaluable.
-    with pytest.raises(ValueError, match="groups_per_batch"):
+    with pytest.raises(ValueError, match=r"groups_per_batch \(G\) = 2 .*\(per group: g0: 8\)"):
         ds.check_feasible("test")
 
 

@@ -114,7 +114,7 @@ def test_group_batch_errors_name_the_field():
         sampling.pk_batch_indices(
             ids, p=3, k=2, seed=0, step=0, identity_groups=groups, groups_per_batch=2
         )
-    with pytest.raises(ValueError, match=r"groups_per_batch \(G\) = 2 .*group 1: 1"):
+    with pytest.raises(ValueError, match=r"groups_per_batch \(G\) = 2 .*1: 1"):
         sampling.pk_batch_indices(
             ids, p=4, k=2, seed=0, step=0, identity_groups=groups, groups_per_batch=2
         )
