@@ -44,7 +44,7 @@ def pk_batch_indices(
     seed: int,
     step: int,
     replace: bool = True,
-    identity_groups: Sequence[int] | np.ndarray | None = None,
+    identity_groups: Sequence[int | str] | np.ndarray | None = None,
     groups_per_batch: int = 0,
 ) -> np.ndarray:
     """Indices of the global PK batch for one training step.
